@@ -1,0 +1,5 @@
+import sys
+
+from keras_openpi.cli import main
+
+sys.exit(main())

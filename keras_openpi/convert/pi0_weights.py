@@ -1,0 +1,229 @@
+"""The map between openpi's π0 / π0.5 parameters and `keras_openpi.models.Pi0`."""
+
+import numpy as np
+
+from keras_openpi.convert.lora_merge import merge_openpi_lora
+
+LLM = "PaliGemma/llm"
+IMG = "PaliGemma/img"
+BLOCK = f"{IMG}/Transformer/encoderblock"
+
+
+def _shape(params, key):
+    if key not in params:
+        raise ValueError(f"The openpi checkpoint has no weight {key!r}.")
+    return params[key].shape
+
+
+def pi0_config_from_params(params):
+    """Infers `Pi0` architecture arguments from openpi parameter shapes.
+
+    Returns:
+        dict with `paligemma_variant`, `action_expert_variant` (dimension dicts),
+        `vision_variant`, `vocabulary_size`, `action_dim`, `pi05` and
+        `image_resolution`.
+    """
+    params = merge_openpi_lora(params)
+
+    def gemma(suffix):
+        depth, num_heads, width, head_dim = _shape(
+            params, f"{LLM}/layers/attn/q_einsum{suffix}/w"
+        )
+        num_kv_heads = _shape(params, f"{LLM}/layers/attn/kv_einsum{suffix}/w")[2]
+        mlp_dim = _shape(params, f"{LLM}/layers/mlp{suffix}/linear")[1]
+        return dict(
+            width=width,
+            depth=depth,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+        )
+
+    patch, _, _, vision_width = _shape(params, f"{IMG}/embedding/kernel")
+    num_patches = _shape(params, f"{IMG}/pos_embedding")[1]
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(
+            f"openpi's {IMG}/pos_embedding has {num_patches} positions; only square "
+            "images are supported."
+        )
+    vision = dict(
+        width=vision_width,
+        depth=_shape(params, f"{BLOCK}/LayerNorm_0/scale")[0],
+        mlp_dim=_shape(params, f"{BLOCK}/MlpBlock_0/Dense_0/kernel")[-1],
+        num_heads=_shape(params, f"{BLOCK}/MultiHeadDotProductAttention_0/query/kernel")[2],
+        patch_size=patch,
+    )
+    return dict(
+        paligemma_variant=gemma(""),
+        action_expert_variant=gemma("_1"),
+        vision_variant=vision,
+        vocabulary_size=_shape(params, f"{LLM}/embedder/input_embedding")[0],
+        action_dim=_shape(params, "action_in_proj/kernel")[0],
+        pi05="time_mlp_in/kernel" in params,
+        image_resolution=(side * patch, side * patch),
+    )
+
+
+def _norm_entries(openpi_norm, keras_norm, stacked_index=None):
+    """RMS norm: `scale`, or adaRMS `Dense_0/{kernel,bias}` -> `modulation`."""
+    pick = (lambda a: a) if stacked_index is None else (lambda a: a[stacked_index])
+    return [
+        (f"{openpi_norm}/scale", f"{keras_norm}/scale", pick),
+        (f"{openpi_norm}/Dense_0/kernel", f"{keras_norm}/modulation/kernel", pick),
+        (f"{openpi_norm}/Dense_0/bias", f"{keras_norm}/modulation/bias", pick),
+    ]
+
+
+def pi0_weight_map(model):
+    """Yields `(openpi_path, keras_path, select)` for every `Pi0` weight.
+
+    `select(openpi_array)` returns the part of the openpi array that is the
+    Keras weight (one layer of a depth-stacked array, one of the stacked
+    key/value or gate/up matrices). Keras paths omit the model's own name.
+    adaRMS entries appear for both forms; only those the model has are used.
+    """
+    entries = []
+    experts = [("", "vlm"), ("_1", "action_expert")]
+    for i in range(model.gemma.depth):
+        at = lambda i=i: (lambda a: a[i])  # noqa: E731
+        for suffix, expert in experts:
+            block = f"gemma/decoder_block_{i}/{expert}"
+            attn = f"{LLM}/layers/attn"
+            mlp = f"{LLM}/layers/mlp{suffix}"
+            entries += [
+                (f"{attn}/q_einsum{suffix}/w", f"{block}/attention/query/kernel", at()),
+                (
+                    f"{attn}/kv_einsum{suffix}/w",
+                    f"{block}/attention/key/kernel",
+                    lambda a, i=i: a[i, 0],
+                ),
+                (
+                    f"{attn}/kv_einsum{suffix}/w",
+                    f"{block}/attention/value/kernel",
+                    lambda a, i=i: a[i, 1],
+                ),
+                (f"{attn}/attn_vec_einsum{suffix}/w", f"{block}/attention/output/kernel", at()),
+                (f"{mlp}/gating_einsum", f"{block}/feed_forward/gate/kernel", lambda a, i=i: a[i, 0]),
+                (f"{mlp}/gating_einsum", f"{block}/feed_forward/up/kernel", lambda a, i=i: a[i, 1]),
+                (f"{mlp}/linear", f"{block}/feed_forward/down/kernel", at()),
+            ]
+            entries += _norm_entries(
+                f"{LLM}/layers/pre_attention_norm{suffix}", f"{block}/pre_attention_norm", i
+            )
+            entries += _norm_entries(
+                f"{LLM}/layers/pre_ffw_norm{suffix}", f"{block}/pre_feed_forward_norm", i
+            )
+    for suffix, expert in experts:
+        entries += _norm_entries(f"{LLM}/final_norm{suffix}", f"gemma/{expert}_final_norm")
+    whole = lambda a: a  # noqa: E731
+    entries.append((f"{LLM}/embedder/input_embedding", "gemma/token_embedding/embeddings", whole))
+
+    vision = "vision_encoder"
+    entries += [
+        (f"{IMG}/embedding/kernel", f"{vision}/patch_embedding/kernel", whole),
+        (f"{IMG}/embedding/bias", f"{vision}/patch_embedding/bias", whole),
+        (f"{IMG}/pos_embedding", f"{vision}/position_embedding", whole),
+        (f"{IMG}/Transformer/encoder_norm/scale", f"{vision}/encoder_norm/gamma", whole),
+        (f"{IMG}/Transformer/encoder_norm/bias", f"{vision}/encoder_norm/beta", whole),
+        (f"{IMG}/head/kernel", f"{vision}/head/kernel", whole),
+        (f"{IMG}/head/bias", f"{vision}/head/bias", whole),
+    ]
+    vision_parts = {
+        "LayerNorm_0/scale": "attention_norm/gamma",
+        "LayerNorm_0/bias": "attention_norm/beta",
+        "LayerNorm_1/scale": "mlp_norm/gamma",
+        "LayerNorm_1/bias": "mlp_norm/beta",
+        "MlpBlock_0/Dense_0/kernel": "mlp_in/kernel",
+        "MlpBlock_0/Dense_0/bias": "mlp_in/bias",
+        "MlpBlock_0/Dense_1/kernel": "mlp_out/kernel",
+        "MlpBlock_0/Dense_1/bias": "mlp_out/bias",
+    }
+    for name in ("query", "key", "value"):
+        for kind in ("kernel", "bias"):
+            vision_parts[f"MultiHeadDotProductAttention_0/{name}/{kind}"] = (
+                f"attention/{name}/{kind}"
+            )
+    for kind in ("kernel", "bias"):
+        vision_parts[f"MultiHeadDotProductAttention_0/out/{kind}"] = (
+            f"attention/attention_output/{kind}"
+        )
+    for j in range(model.vision_encoder.depth):
+        for openpi_part, keras_part in vision_parts.items():
+            entries.append(
+                (
+                    f"{BLOCK}/{openpi_part}",
+                    f"{vision}/encoder_block_{j}/{keras_part}",
+                    lambda a, j=j: a[j],
+                )
+            )
+
+    projections = ["action_in_proj", "action_out_proj"]
+    projections += (
+        ["time_mlp_in", "time_mlp_out"]
+        if model.pi05
+        else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
+    )
+    for name in projections:
+        for kind in ("kernel", "bias"):
+            entries.append((f"{name}/{kind}", f"{name}/{kind}", whole))
+    return entries
+
+
+def _keras_variables(model):
+    prefix = model.name + "/"
+    return {
+        v.path[len(prefix) :] if v.path.startswith(prefix) else v.path: v
+        for v in model.weights
+    }
+
+
+def load_pi0_weights(model, params, lora_scale=1.0):
+    """Assigns openpi parameters to a `Pi0` model, after checking all of them.
+
+    openpi LoRA adapters in `params` are merged into their base weights first.
+    Every model weight must be found with the right shape; otherwise a
+    `ValueError` names the openpi path and both shapes, and the model is left
+    unchanged.
+
+    Args:
+        model: a built `keras_openpi.models.Pi0`.
+        params: flat openpi parameter dict (see `load_openpi_params`).
+        lora_scale: openpi's LoRA `alpha / rank`.
+
+    Returns:
+        the list of openpi paths that were not used.
+    """
+    params = merge_openpi_lora(params, lora_scale)
+    variables = _keras_variables(model)
+    values, used = {}, set()
+    for openpi_path, keras_path, select in pi0_weight_map(model):
+        if keras_path not in variables:
+            continue  # the other norm form (adaRMS vs plain)
+        variable = variables[keras_path]
+        if openpi_path not in params:
+            raise ValueError(
+                f"The openpi checkpoint has no weight {openpi_path!r}, needed for "
+                f"{keras_path!r} with shape {tuple(variable.shape)}."
+            )
+        try:
+            value = select(params[openpi_path])
+        except IndexError:
+            value = None
+        if value is None or tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"openpi weight {openpi_path!r} has shape "
+                f"{tuple(params[openpi_path].shape)}, which does not give "
+                f"{keras_path!r} its shape {tuple(variable.shape)} "
+                f"(got {None if value is None else tuple(value.shape)})."
+            )
+        values[keras_path] = value
+        used.add(openpi_path)
+    missing = sorted(set(variables) - set(values) - {"seed_generator/seed_generator_state"})
+    missing = [m for m in missing if "seed_generator" not in m]
+    if missing:
+        raise ValueError(f"No openpi weight maps to the model weights {missing}.")
+    for keras_path, value in values.items():
+        variables[keras_path].assign(np.asarray(value, dtype=variables[keras_path].dtype))
+    return sorted(set(params) - used)
