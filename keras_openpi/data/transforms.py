@@ -1,0 +1,455 @@
+"""openpi's data transforms: pure callables on one unbatched numpy sample dict.
+
+A transform maps a sample dict to a new sample dict and never modifies its
+input. Samples are nested dicts of numpy arrays (and a `prompt` string), e.g.
+`{"image": {"base_0_rgb": (h, w, 3) uint8}, "image_mask": {...}, "state": (s,),
+"actions": (H, a), "prompt": "pick up the cup"}`. Nested keys are addressed by
+"/"-joined paths (`"image/base_0_rgb"`).
+
+Training applies `repack → robot inputs → Normalize → model inputs`; a policy
+applies the same inputs, then `model outputs → Unnormalize → robot outputs`
+(see `keras_openpi.data.pipeline`).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from keras_openpi.data.image_tools import resize_with_pad
+from keras_openpi.data.normalize import NormStats
+from keras_openpi.data.normalize import normalize
+from keras_openpi.data.normalize import unnormalize
+from keras_openpi.data.normalize import warn_near_zero_range
+
+DataTransform = Callable[[dict], dict]
+
+
+# === Nested dict helpers ===
+
+
+def flatten_dict(tree, sep="/"):
+    """`{"a": {"b": x}}` → `{"a/b": x}`; leaves are everything that is not a Mapping."""
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            path = f"{prefix}{sep}{key}" if prefix else str(key)
+            if isinstance(value, Mapping):
+                visit(path, value)
+            else:
+                flat[path] = value
+
+    visit("", tree)
+    return flat
+
+
+def unflatten_dict(flat, sep="/"):
+    """Inverse of `flatten_dict`."""
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(sep)
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def _find_path(tree, path, sep="/"):
+    """The keys leading to `path` in `tree` (a key may itself contain `sep`), or None."""
+    if path in tree:
+        return [path]
+    head, _, rest = path.partition(sep)
+    if rest and isinstance(tree.get(head), Mapping):
+        tail = _find_path(tree[head], rest, sep)
+        return None if tail is None else [head, *tail]
+    return None
+
+
+def _replace_path(tree, keys, fn):
+    """A copy of `tree` with the leaf at `keys` replaced by `fn(leaf)`."""
+    head, *rest = keys
+    value = _replace_path(tree[head], rest, fn) if rest else fn(tree[head])
+    return {**tree, head: value}
+
+
+def pad_to_dim(x, dim, axis=-1, value=0.0):
+    """Pads `x` with `value` along `axis` up to size `dim` (unchanged if already as wide)."""
+    x = np.asarray(x)
+    missing = dim - x.shape[axis]
+    if missing <= 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, missing)
+    return np.pad(x, widths, constant_values=value)
+
+
+def make_bool_mask(*dims):
+    """Run-length boolean mask: a positive n gives n True, a negative n gives |n| False.
+
+    Example:
+    >>> make_bool_mask(6, -1, 6, -1)  # ALOHA: delta joints, absolute grippers
+    (True, True, True, True, True, True, False, True, True, True, True, True, True, False)
+    """
+    mask = []
+    for dim in dims:
+        mask.extend([dim > 0] * abs(dim))
+    return tuple(mask)
+
+
+# === Composition ===
+
+
+class Group(NamedTuple):
+    """Input transforms and the output transforms that undo them.
+
+    A `Group` is also the pair `(inputs, outputs)`.
+
+    Args:
+        inputs: transforms applied, in order, to a sample (or an observation).
+        outputs: transforms applied, in order, to the model's outputs.
+
+    Example:
+    >>> group = Group(inputs=[InjectDefaultPrompt("wave")])
+    >>> compose(group.inputs)({})["prompt"]
+    'wave'
+    """
+
+    inputs: Sequence[DataTransform] = ()
+    outputs: Sequence[DataTransform] = ()
+
+    def push(self, inputs=(), outputs=()):
+        """A new group with `inputs` appended after, and `outputs` before, the current ones."""
+        return Group((*self.inputs, *inputs), (*outputs, *self.outputs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+    """Applies `transforms` in order.
+
+    Example:
+    >>> Compose([InjectDefaultPrompt("a"), PadStatesAndActions(3)])({"state": np.ones(2)})["state"]
+    array([1., 1., 0.])
+    """
+
+    transforms: Sequence[DataTransform]
+
+    def __call__(self, data):
+        for transform in self.transforms:
+            data = transform(data)
+        return data
+
+
+def compose(transforms):
+    """One transform that applies `transforms` in order."""
+    return Compose(tuple(transforms))
+
+
+# === Generic transforms ===
+
+
+@dataclasses.dataclass(frozen=True)
+class Repack:
+    """Builds a new sample whose leaves are picked from the input by "/"-paths.
+
+    Args:
+        structure: a nested dict whose leaves are "/"-joined paths into the input.
+
+    Example:
+    >>> repack = Repack({"images": {"cam_high": "observation.images.top"},
+    ...                  "state": "observation.state", "actions": "action"})
+    >>> sorted(repack({"observation.images.top": 0, "observation.state": 1,
+    ...                "action": 2, "episode_index": 3}))
+    ['actions', 'images', 'state']
+    """
+
+    structure: Mapping
+
+    def __call__(self, data):
+        flat = flatten_dict(data)
+
+        # The output keeps the structure's keys as they are (openpi maps its leaves):
+        # LIBERO's `"observation/image"` stays one key, as `LiberoInputs` reads it.
+        def pick(structure, prefix):
+            picked = {}
+            for target, source in structure.items():
+                if isinstance(source, Mapping):
+                    picked[target] = pick(source, f"{prefix}{target}/")
+                elif source not in flat:
+                    raise ValueError(
+                        f"Repack: the sample has no key {source!r} (wanted for "
+                        f"{prefix + target!r}); it has {sorted(flat)}."
+                    )
+                else:
+                    picked[target] = flat[source]
+            return picked
+
+        return pick(self.structure, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectDefaultPrompt:
+    """Sets `prompt` to `prompt` where the sample has none (no-op when `prompt` is None)."""
+
+    prompt: str | None
+
+    def __call__(self, data):
+        if self.prompt is None or "prompt" in data:
+            return data
+        return {**data, "prompt": self.prompt}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFromLeRobotTask:
+    """Sets `prompt` to the LeRobot task named by the sample's `task_index`.
+
+    Args:
+        tasks: `{task_index: task string}` (LeRobot's `meta/tasks`).
+    """
+
+    tasks: Mapping[int, str]
+
+    def __call__(self, data):
+        if "task_index" not in data:
+            raise ValueError(
+                f"PromptFromLeRobotTask: the sample has no 'task_index'; it has {sorted(data)}."
+            )
+        index = int(np.asarray(data["task_index"]))
+        if index not in self.tasks:
+            raise ValueError(
+                f"PromptFromLeRobotTask: task_index {index} is not among the dataset's "
+                f"tasks {sorted(self.tasks)}."
+            )
+        return {**data, "prompt": self.tasks[index]}
+
+
+def _check_mask(mask, data, name):
+    dims = len(mask)
+    for key in ("state", "actions"):
+        if key not in data:
+            raise ValueError(f"{name}: the sample has no {key!r}; it has {sorted(data)}.")
+        width = np.shape(data[key])[-1]
+        if width < dims:
+            raise ValueError(
+                f"{name}: the mask covers {dims} dims but {key!r} has only {width} "
+                f"(shape {np.shape(data[key])})."
+            )
+    return np.where(np.asarray(mask), np.asarray(data["state"])[..., :dims], 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaActions:
+    """Absolute → delta actions: subtracts the current state on the dims `mask` selects.
+
+    `actions[..., :d] -= where(mask, state[..., :d], 0)` for every step of the
+    chunk, `d = len(mask)`; dims past `d` are left as they are. A no-op without
+    `actions` (inference) or with `mask=None`.
+
+    Args:
+        mask: booleans, e.g. `make_bool_mask(6, -1, 6, -1)`, or None.
+    """
+
+    mask: Sequence[bool] | None
+
+    def __call__(self, data):
+        if self.mask is None or "actions" not in data:
+            return data
+        offset = _check_mask(self.mask, data, "DeltaActions")
+        actions = np.array(data["actions"], dtype=np.result_type(data["actions"], np.float32))
+        actions[..., : len(self.mask)] -= offset[..., None, :]
+        return {**data, "actions": actions}
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsoluteActions:
+    """Delta → absolute actions: the inverse of `DeltaActions` (adds the state back)."""
+
+    mask: Sequence[bool] | None
+
+    def __call__(self, data):
+        if self.mask is None or "actions" not in data:
+            return data
+        offset = _check_mask(self.mask, data, "AbsoluteActions")
+        actions = np.array(data["actions"], dtype=np.result_type(data["actions"], np.float32))
+        actions[..., : len(self.mask)] += offset[..., None, :]
+        return {**data, "actions": actions}
+
+
+@dataclasses.dataclass(frozen=True)
+class PadStatesAndActions:
+    """Zero-pads the last axis of `state` and `actions` to the model's `action_dim`."""
+
+    action_dim: int
+
+    def __call__(self, data):
+        out = dict(data)
+        for key in ("state", "actions"):
+            if key not in data:
+                if key == "state":
+                    raise ValueError(
+                        f"PadStatesAndActions: the sample has no 'state'; it has {sorted(data)}."
+                    )
+                continue
+            width = np.shape(data[key])[-1]
+            if width > self.action_dim:
+                raise ValueError(
+                    f"PadStatesAndActions: {key!r} has {width} dims, more than the model's "
+                    f"action_dim {self.action_dim} (shape {np.shape(data[key])})."
+                )
+            out[key] = pad_to_dim(data[key], self.action_dim)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeImages:
+    """Resizes every `image/<camera>` to `(height, width)` keeping aspect, zero-padded.
+
+    Uses `image_tools.resize_with_pad` (openpi-client's PIL bilinear resize).
+    """
+
+    height: int
+    width: int
+
+    def __call__(self, data):
+        if "image" not in data:
+            raise ValueError(f"ResizeImages: the sample has no 'image'; it has {sorted(data)}.")
+        images = {
+            key: resize_with_pad(image, self.height, self.width, name=f"image/{key}")
+            for key, image in data["image"].items()
+        }
+        return {**data, "image": images}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizePrompt:
+    """Replaces `prompt` by `tokenized_prompt` (L,) int32 and `tokenized_prompt_mask` (L,) bool.
+
+    Args:
+        tokenizer: has `tokenize(prompt, state=None) -> (ids, mask)`, e.g.
+            `keras_openpi.tokenizers.PaligemmaTokenizer`.
+        discrete_state_input: π0.5's format: the (normalized, unpadded) state
+            is written into the prompt as 256-bin ids; needs `state`.
+    """
+
+    tokenizer: Any
+    discrete_state_input: bool = False
+
+    def __call__(self, data):
+        if data.get("prompt") is None:
+            raise ValueError(
+                f"TokenizePrompt: the sample has no 'prompt' (set one with the dataset's "
+                f"tasks or a default prompt); it has {sorted(data)}."
+            )
+        data = dict(data)
+        prompt = data.pop("prompt")
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.item()
+        if isinstance(prompt, bytes):
+            prompt = prompt.decode("utf-8")
+        if self.discrete_state_input:
+            if "state" not in data:
+                raise ValueError(
+                    "TokenizePrompt: discrete_state_input needs 'state'; "
+                    f"the sample has {sorted(data)}."
+                )
+            ids, mask = self.tokenizer.tokenize(prompt, np.asarray(data["state"]))
+        else:
+            ids, mask = self.tokenizer.tokenize(prompt)
+        data["tokenized_prompt"] = np.asarray(ids, dtype=np.int32)
+        data["tokenized_prompt_mask"] = np.asarray(mask, dtype=bool)
+        return data
+
+
+# === Normalization ===
+
+
+def _check_stats(norm_stats, use_quantiles):
+    for key, stats in norm_stats.items():
+        if not isinstance(stats, NormStats):
+            raise ValueError(f"norm stats {key!r} must be a NormStats, got {type(stats).__name__}.")
+        if use_quantiles and (stats.q01 is None or stats.q99 is None):
+            raise ValueError(
+                f"quantile normalization needs q01 and q99, but the norm stats of {key!r} "
+                "have none (recompute them with `keras-openpi norm-stats`)."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize:
+    """Normalizes the sample's keys that have stats (openpi's `Normalize`).
+
+    z-score `(x - mean) / (std + 1e-6)`, or with `use_quantiles`
+    `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1` (no clipping). Stats wider than
+    `x` are truncated to its width (stats describe unpadded data; normalize
+    before padding). Keys without stats pass through. Warns once per
+    dimension whose range is near zero.
+
+    Args:
+        norm_stats: `{"/"-path: NormStats}` (e.g. `state`, `actions`), or None (no-op).
+        use_quantiles: quantile instead of z-score (openpi: π0.5 and π0-FAST).
+    """
+
+    norm_stats: Mapping[str, NormStats] | None
+    use_quantiles: bool = False
+
+    def __post_init__(self):
+        if self.norm_stats is not None:
+            _check_stats(self.norm_stats, self.use_quantiles)
+            warn_near_zero_range(self.norm_stats, use_quantiles=self.use_quantiles)
+
+    def __call__(self, data):
+        if self.norm_stats is None:
+            return data
+        for key, stats in self.norm_stats.items():
+            keys = _find_path(data, key)
+            if keys is not None:
+                data = _replace_path(
+                    data, keys, lambda x: normalize(x, stats, self.use_quantiles, key=key)
+                )
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Unnormalize:
+    """Inverse of `Normalize` on the model's outputs (openpi's `Unnormalize`).
+
+    z-score `x * (std + 1e-6) + mean` with stats padded by mean 0 / std 1 to
+    the width of `x`; quantile `(x + 1) / 2 * (q99 - q01 + 1e-6) + q01` on the
+    first `len(q01)` dims, later dims unchanged.
+
+    Args:
+        norm_stats: as for `Normalize`, or None (no-op).
+        use_quantiles: quantile instead of z-score.
+        strict: every stats key must be in the outputs (openpi; that is why its
+            policy keeps the input `state` in the outputs).
+    """
+
+    norm_stats: Mapping[str, NormStats] | None
+    use_quantiles: bool = False
+    strict: bool = True
+
+    def __post_init__(self):
+        if self.norm_stats is not None:
+            _check_stats(self.norm_stats, self.use_quantiles)
+
+    def __call__(self, data):
+        if self.norm_stats is None:
+            return data
+        for key, stats in self.norm_stats.items():
+            keys = _find_path(data, key)
+            if keys is not None:
+                data = _replace_path(
+                    data, keys, lambda x: unnormalize(x, stats, self.use_quantiles, key=key)
+                )
+            elif self.strict:
+                raise ValueError(
+                    f"Unnormalize: norm stats key {key!r} is not in the outputs "
+                    f"{sorted(flatten_dict(data))} (keep the input 'state' in the outputs as "
+                    "openpi's policy does, or pass strict=False)."
+                )
+        return data
