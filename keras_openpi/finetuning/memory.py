@@ -1,0 +1,151 @@
+"""Memory levers: frozen weights in bfloat16, int8 frozen bases (QLoRA), rematerialization."""
+
+import contextlib
+import gc
+
+import keras
+from keras import ops
+
+from keras_openpi.finetuning.groups import owning_layers
+
+QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+
+
+def cast_frozen(model, dtype="bfloat16"):
+    """Stores every frozen float weight in `dtype`; trainable weights and adapters are untouched.
+
+    openpi keeps its frozen weights in bfloat16 and its trained ones in float32
+    (`init_train_state`); this does the same to a Keras model: each frozen
+    weight is replaced, in the layer that owns it, by a non-trainable variable
+    of the same name and path holding the cast value. Weights of quantized
+    layers are left as they are. Returns the number of weights cast.
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    if not keras.backend.is_float_dtype(dtype):
+        raise ValueError(f"Frozen weights can be cast to a float dtype, got {dtype!r}.")
+    owners = owning_layers(model)
+    targets = {
+        id(v): v
+        for v in model.weights
+        if not v.trainable
+        and keras.backend.is_float_dtype(v.dtype)
+        and keras.backend.standardize_dtype(v.dtype) != dtype
+        and not getattr(owners[id(v)], "quantization_mode", None)
+    }
+    for variable in targets.values():
+        layer = owners[id(variable)]
+        attributes = [k for k, v in vars(layer).items() if v is variable]
+        if not attributes:
+            raise ValueError(
+                f"Cannot cast {variable.path!r}: {layer.path!r} does not hold it as an attribute."
+            )
+        _replace_variable(layer, attributes, variable, dtype)
+    return len(targets)
+
+
+def _replace_variable(layer, attributes, variable, dtype):
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    # Initialized from the old value (deferred, like the old one, inside `shapes_only`).
+    replacement = layer.add_weight(
+        shape=variable.shape,
+        initializer=lambda shape, dtype: ops.cast(variable.value, dtype),
+        dtype=dtype,
+        trainable=False,
+        name=variable.name,
+    )
+    layer._untrack_variable(variable)
+    for attribute in attributes:
+        setattr(layer, attribute, replacement)
+    if locked:
+        layer._tracker.lock()
+
+
+def quantization_mode(quantize):
+    """`(mode, config)` for `Model.quantize` from a strategy's `quantize` option.
+
+    `"int8"` is Keras' default int8 (weights per output channel, and the
+    activations quantized per token at every call); `"int8_weight_only"`
+    keeps activations in float (QLoRA's choice); a
+    `keras.quantizers.QuantizationConfig` is used as given.
+    """
+    if isinstance(quantize, keras.quantizers.QuantizationConfig):
+        return quantize.mode, quantize
+    if quantize == "int8":
+        return "int8", None
+    if quantize == "int8_weight_only":
+        return "int8", keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    raise ValueError(
+        f"quantize must be 'int8', 'int8_weight_only' or a keras.quantizers.QuantizationConfig, "
+        f"got {quantize!r}."
+    )
+
+
+def quantize_layers(model, layers, quantize="int8"):
+    """Quantizes the Dense / EinsumDense / Embedding layers among `layers` (and their sub-layers).
+
+    Keras stores their kernels in int8 (non-trainable) with float scales and
+    gives gradients to the inputs only; quantize before `enable_lora`.
+
+    Args:
+        model: the model holding `layers`.
+        layers: the layers to quantize, with their sub-layers.
+        quantize: see `quantization_mode`.
+    """
+    mode, config = quantization_mode(quantize)
+    ids = {
+        id(sub)
+        for layer in layers
+        for sub in layer._flatten_layers(include_self=True)
+        if isinstance(sub, QUANTIZABLE)
+    }
+    if ids:
+        quantize_fast(model, mode, config, lambda layer: id(layer) in ids)
+
+
+def quantize_fast(model, mode, config, filters):
+    """`model.quantize`, without its cost of one full garbage collection per layer."""
+    with frozen_heap():
+        model.quantize(mode, config=config, filters=filters)
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Makes `gc.collect()` cheap inside the block by exempting the objects alive at its start.
+
+    Keras runs a full collection for every variable it deletes (`quantize`
+    replaces each kernel): about 0.2 s each once TensorFlow is imported, minutes
+    for a full-size model. The exempted objects are handed back on exit.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def set_remat(model, enabled=True):
+    """Rematerializes (`keras.remat`) each of `model.remat_layers()` in training.
+
+    The activations inside a rematerialized layer are recomputed in the
+    backward pass instead of being kept: memory per layer drops to its inputs,
+    for about one more forward pass of compute. Outputs and gradients are unchanged.
+    """
+    if not hasattr(model, "remat_layers"):
+        raise ValueError(f"{type(model).__name__} declares no `remat_layers()`.")
+    for layer in model.remat_layers():
+        rematerialized = "call" in vars(layer)
+        if enabled and not rematerialized:
+            layer.call = _rematerialized(layer.call)
+        elif not enabled and rematerialized:
+            del layer.call
+
+
+def _rematerialized(call):
+    def remat_call(*args, **kwargs):
+        # A new function at every call: JAX caches a checkpointed trace per
+        # function, and `call` reads the layer's weights by closure (traced
+        # values that differ from one trace or step to the next).
+        return keras.remat(lambda *a, **k: call(*a, **k))(*args, **kwargs)
+
+    return remat_call

@@ -1,0 +1,167 @@
+"""Named fine-tuning strategies, applicable from Python or from a training config."""
+
+import dataclasses
+
+from keras_openpi.finetuning.freezing import freeze
+from keras_openpi.finetuning.freezing import group_layers
+from keras_openpi.finetuning.freezing import unfreeze_all
+from keras_openpi.finetuning.lora import add_adapters
+from keras_openpi.finetuning.lora import adapted_layers
+from keras_openpi.finetuning.lora import resolve_lora_config
+from keras_openpi.finetuning.memory import cast_frozen
+from keras_openpi.finetuning.memory import quantization_mode
+from keras_openpi.finetuning.memory import quantize_layers
+from keras_openpi.finetuning.memory import set_remat
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """What a named strategy adapts and freezes.
+
+    Args:
+        name: the strategy's name.
+        lora_targets: groups that get LoRA adapters (their other weights freeze).
+        frozen_groups: groups frozen entirely.
+        description: one line for humans.
+    """
+
+    name: str
+    lora_targets: tuple = ()
+    frozen_groups: tuple = ()
+    description: str = ""
+
+
+STRATEGIES = {
+    s.name: s
+    for s in (
+        Strategy("full", description="every weight trains (openpi's default)"),
+        Strategy(
+            "lora",
+            lora_targets=("vlm", "action_expert"),
+            description="LoRA on the VLM and the action expert; vision and projections train "
+            "(openpi's gemma_2b_lora + gemma_300m_lora)",
+        ),
+        Strategy(
+            "lora_vlm",
+            lora_targets=("vlm",),
+            description="LoRA on the VLM; the action expert, vision and projections train fully",
+        ),
+        Strategy(
+            "lora_action_expert",
+            lora_targets=("action_expert",),
+            description="LoRA on the action expert; the VLM, vision and projections train fully",
+        ),
+        Strategy(
+            "action_expert_only",
+            frozen_groups=("vision", "vlm"),
+            description="vision and VLM frozen; the action expert and projections train",
+        ),
+        Strategy(
+            "frozen_vision",
+            frozen_groups=("vision",),
+            description="the SigLIP encoder frozen; everything else trains",
+        ),
+    )
+}
+
+
+def apply_strategy(
+    model,
+    strategy="full",
+    *,
+    rank="openpi",
+    alpha=None,
+    freeze_vision=False,
+    freeze_patterns=(),
+    frozen_dtype=None,
+    quantize=None,
+    remat=False,
+):
+    """Sets what `model` trains, from a strategy name or a training-config dict.
+
+    The strategy defines the whole trainable state: the model starts fully
+    trainable (it must not have adapters yet), then gets, in this order,
+    int8 frozen bases (`quantize`), LoRA adapters, frozen groups, frozen
+    patterns, frozen weights cast to `frozen_dtype`, and rematerialization.
+    Apply it before `compile` (or compile again afterwards).
+
+    Args:
+        model: a model with `FinetuningMixin` (π0, π0.5).
+        strategy: a name in `STRATEGIES`, or a dict `{"name": ..., **options}`
+            with the options below (as a training config would give them).
+        rank: LoRA rank, per target dict, or `"openpi"` (VLM 16, action expert 32).
+        alpha: LoRA alpha (None: equal to the rank, scale 1, as openpi).
+        freeze_vision: also freeze the SigLIP encoder (openpi's LoRA trains it).
+        freeze_patterns: regular expressions; weights whose path relative to
+            the model fully matches one freeze too (e.g. `"gemma/decoder_block_(1[0-7])/vlm/.*"`).
+        frozen_dtype: store frozen weights in this dtype (`"bfloat16"`, as openpi).
+        quantize: quantize the frozen linear maps and embeddings of the LoRA
+            targets and frozen groups before adding adapters (QLoRA-style):
+            `"int8"` (Keras' default: int8 weights and activations),
+            `"int8_weight_only"` (int8 weights, float activations) or a
+            `keras.quantizers.QuantizationConfig`.
+        remat: rematerialize the model's `remat_layers()` (decoder blocks) in training.
+
+    Returns:
+        the `Strategy` applied.
+
+    Example:
+    >>> strategy = apply_strategy(model, {"name": "lora", "frozen_dtype": "bfloat16"})
+    >>> model.trainable_summary()["lora_adapters"]["trainable"] > 0
+    True
+    """
+    if isinstance(strategy, dict):
+        options = dict(strategy)
+        if "name" not in options:
+            raise ValueError(
+                f"A strategy dict needs a 'name' among {sorted(STRATEGIES)}; got keys {sorted(options)}."
+            )
+        name = options.pop("name")
+        if isinstance(options.get("freeze_patterns"), str):
+            options["freeze_patterns"] = [options["freeze_patterns"]]
+        try:
+            return apply_strategy(model, name, **options)
+        except TypeError as error:
+            raise ValueError(f"Bad strategy options {sorted(options)}: {error}.") from None
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"Unknown fine-tuning strategy {strategy!r}; expected one of {sorted(STRATEGIES)} "
+            "or a dict {'name': ..., **options}."
+        )
+    spec = STRATEGIES[strategy]
+    if adapted_layers(model):
+        raise ValueError(
+            f"{model.name!r} already has LoRA adapters; a strategy starts from a model "
+            "without them (call merge_lora() first, or rebuild the model)."
+        )
+    state = model.finetuning_state
+    if state.frozen_dtype:
+        raise ValueError(
+            f"{model.name!r} already stores frozen weights in {state.frozen_dtype}; apply the "
+            "strategy to a float model (frozen_dtype is one of its options)."
+        )
+    frozen_groups = spec.frozen_groups + (("vision",) if freeze_vision else ())
+    lora_config = (
+        resolve_lora_config(model, rank, alpha, spec.lora_targets) if spec.lora_targets else {}
+    )
+    if quantize:
+        quantization_mode(quantize)  # validated before anything changes
+    if quantize and not (spec.lora_targets or frozen_groups):
+        raise ValueError(
+            f"quantize={quantize!r} quantizes frozen weights, and strategy {strategy!r} freezes none."
+        )
+
+    unfreeze_all(model)
+    if quantize:
+        quantize_layers(model, group_layers(model, spec.lora_targets + frozen_groups), quantize)
+    add_adapters(model, lora_config)
+    freeze(model, patterns=freeze_patterns, groups=frozen_groups)
+    if frozen_dtype:
+        cast_frozen(model, frozen_dtype)
+    set_remat(model, remat)
+    state.strategy = strategy
+    state.lora = lora_config
+    state.frozen_dtype = frozen_dtype
+    state.remat = bool(remat)
+    model.reset_train_functions()
+    return spec
