@@ -4,6 +4,9 @@ import keras
 from keras import ops
 
 from keras_openpi.backend import CompiledProgram
+from keras_openpi.backend.train_step import StepLogsMixin
+from keras_openpi.data.augment import augment_images
+from keras_openpi.finetuning import FinetuningMixin
 from keras_openpi.layers.gemma_mixture import GemmaMixture
 from keras_openpi.layers.masks import make_attention_mask
 from keras_openpi.layers.siglip import SigLIPEncoder
@@ -17,7 +20,7 @@ from keras_openpi.models.variants import resolve_siglip_variant
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class Pi0(keras.Model):
+class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
     """π0 / π0.5 vision-language-action policy, numerically identical to openpi.
 
     The prefix (SigLIP tokens of every camera, then the embedded prompt) runs
@@ -45,6 +48,7 @@ class Pi0(keras.Model):
         image_keys: camera names, in the order their tokens enter the prefix.
         image_resolution: `(height, width)` the encoder takes.
         seed: seed of the generator that draws noise and time.
+        augment: in training, augment the images as openpi does (`augment_images`).
         **kwargs: `keras.Model` arguments, e.g. `dtype="mixed_bfloat16"`, `name`.
 
     Example:
@@ -68,6 +72,7 @@ class Pi0(keras.Model):
         image_keys=IMAGE_KEYS,
         image_resolution=(224, 224),
         seed=None,
+        augment=False,
         **kwargs,
     ):
         kwargs.setdefault("name", "pi05" if pi05 else "pi0")
@@ -84,6 +89,7 @@ class Pi0(keras.Model):
         self.image_keys = tuple(image_keys)
         self.image_resolution = tuple(image_resolution)
         self.seed = seed
+        self.augment = augment
         vlm = resolve_gemma_variant(paligemma_variant)
         expert = resolve_gemma_variant(action_expert_variant)
         for key in ("depth", "num_heads", "num_kv_heads", "head_dim"):
@@ -264,7 +270,7 @@ class Pi0(keras.Model):
             raise ValueError(f"{name!r} must have shape {expected}, got shape {shape}.")
         return pad_last_axis(ops.cast(actions, "float32"), self.action_dim)
 
-    def flow_matching_loss(self, observation, actions, noise=None, time=None):
+    def flow_matching_loss(self, observation, actions, noise=None, time=None, training=False):
         """openpi's `compute_loss`: per-(batch, step) squared velocity error.
 
         `x_t = t * noise + (1 - t) * actions`, target `u_t = noise - actions`,
@@ -275,11 +281,15 @@ class Pi0(keras.Model):
             actions: (B, H, a) target actions, a <= action_dim (zero-padded).
             noise: optional (B, H, action_dim); drawn from N(0, 1) if omitted.
             time: optional (B,); drawn from Beta(1.5, 1) * 0.999 + 0.001 if omitted.
+            training: augment the images first when the model's `augment` is on.
 
         Returns:
             (B, H) float32 loss.
         """
         obs = self.prepare_observation(observation)
+        if training and self.augment:
+            images = augment_images(dict(zip(self.image_keys, obs["images"])), self.seed_generator)
+            obs = {**obs, "images": [images[k] for k in self.image_keys]}
         actions = self._check_actions(actions)
         batch = actions.shape[0]
         if noise is None:
@@ -362,6 +372,37 @@ class Pi0(keras.Model):
         )
         return x_0
 
+    # === Fine-tuning groups (see FinetuningMixin) ===
+
+    def finetuning_groups(self):
+        """The layers of each fine-tuning group and the linear maps LoRA adapts."""
+        blocks = self.gemma.decoder_blocks
+
+        def expert(index, extra_layers=()):
+            experts = [block.experts[index] for block in blocks]
+            lora = []
+            for e in experts:
+                attention, ffw = e.attention, e.feed_forward
+                lora += [attention.query, attention.key, attention.value]
+                lora += [attention.output_projection, ffw.gate, ffw.up, ffw.down]
+            layers = [*extra_layers, *experts, self.gemma.final_norms[index]]
+            return {"layers": layers, "lora": lora}
+
+        if self.pi05:
+            projections = [self.time_mlp_in, self.time_mlp_out]
+        else:
+            projections = [self.state_proj, self.action_time_mlp_in, self.action_time_mlp_out]
+        return {
+            "vision": {"layers": [self.vision_encoder]},
+            "vlm": expert(0, [self.gemma.token_embedding]),
+            "action_expert": expert(1),
+            "projections": {"layers": [self.action_in_proj, self.action_out_proj, *projections]},
+        }
+
+    def remat_layers(self):
+        """Rematerialized by `enable_remat`: the Gemma decoder blocks and SigLIP blocks."""
+        return [*self.gemma.decoder_blocks, *self.vision_encoder.blocks]
+
     # === Keras training API ===
 
     def call(self, observation, training=None):
@@ -385,7 +426,7 @@ class Pi0(keras.Model):
             raise ValueError(
                 "Pi0 trains on (observation, actions) pairs; the dataset gave no actions."
             )
-        loss = self.flow_matching_loss(x, y)
+        loss = self.flow_matching_loss(x, y, training=training)
         if sample_weight is not None:
             weight = ops.reshape(ops.cast(sample_weight, loss.dtype), (-1, 1))
             loss = loss * weight
@@ -406,6 +447,7 @@ class Pi0(keras.Model):
                 "image_keys": list(self.image_keys),
                 "image_resolution": list(self.image_resolution),
                 "seed": self.seed,
+                "augment": self.augment,
             }
         )
         return config
