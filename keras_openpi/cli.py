@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand modules; each has `add_parser(subparsers)` and `run(args) -> int`.
-COMMANDS = ["convert"]
+COMMANDS = ["convert", "demo", "norm_stats", "serve", "train"]
 
 
 def build_parser():

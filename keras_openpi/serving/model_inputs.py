@@ -1,0 +1,184 @@
+"""The last input transform of a policy: one checked sample in the model's exact layout.
+
+Whatever the robot transforms produced, the model gets fixed shapes and dtypes
+(so its compiled sampler is reused for every request) and a request that
+cannot be served gets a `ValueError` that names the key, what was expected and
+what came.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def check_finite(observation, prefix=""):
+    """Raises a ValueError naming the first float leaf of `observation` with NaN or inf.
+
+    Args:
+        observation: a nested dict of arrays, scalars and strings (a request).
+        prefix: the "/"-path of `observation` inside the request.
+
+    Example:
+    >>> check_finite({"state": np.array([0.0, np.nan])})
+    Traceback (most recent call last):
+    ...
+    ValueError: 'state' has a non-finite value (nan) at index (1,); expected finite numbers.
+    """
+    for key, value in observation.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            check_finite(value, f"{path}/")
+        elif isinstance(value, (np.ndarray, np.generic, float)):
+            array = np.asarray(value)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+                raise ValueError(
+                    f"{path!r} has a non-finite value ({array[index]}) at index {index}; "
+                    "expected finite numbers."
+                )
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """Checks a model-layout sample and brings it to the model's fixed shapes.
+
+    In: `image {camera: (h, w, 3) uint8, or float in [-1, 1]}` for every model
+    camera at the model's resolution, optional `image_mask {camera: bool}`,
+    `state (s,)` with s <= `action_dim`, `tokenized_prompt (l,)` ints with
+    l <= `max_token_len` and optional `tokenized_prompt_mask (l,)`. Out: images
+    float32 in [-1, 1], masks bool (True where missing), `state (action_dim,)`
+    float32 and prompt `(max_token_len,)` int32 / bool, zero-padded.
+
+    Args:
+        image_keys: the model's cameras.
+        image_resolution: `(height, width)` of the model's cameras.
+        action_dim: the model's state width.
+        max_token_len: the model's prompt length L.
+        vocabulary_size: token ids must be below it.
+
+    Example:
+    >>> check = ModelInputs(("base_0_rgb",), (4, 4), 3, 5, 10)
+    >>> out = check({"image": {"base_0_rgb": np.zeros((4, 4, 3), np.uint8)},
+    ...              "state": np.ones(2), "tokenized_prompt": np.array([1, 2])})
+    >>> out["state"].tolist(), out["tokenized_prompt_mask"].tolist()
+    ([1.0, 1.0, 0.0], [True, True, False, False, False])
+    """
+
+    image_keys: tuple
+    image_resolution: tuple
+    action_dim: int
+    max_token_len: int
+    vocabulary_size: int
+
+    @classmethod
+    def for_model(cls, model):
+        """The checks for a `Pi0` model."""
+        return cls(
+            tuple(model.image_keys),
+            tuple(model.image_resolution),
+            int(model.action_dim),
+            int(model.max_token_len),
+            int(model.vocabulary_size),
+        )
+
+    def __call__(self, sample):
+        return {
+            **self._images(sample),
+            "state": self._state(sample),
+            **self._prompt(sample),
+        }
+
+    def _require(self, sample, key, expected):
+        if key not in sample:
+            raise ValueError(
+                f"the observation has no {key!r} (expected {expected}); it has {sorted(sample)}."
+            )
+        return sample[key]
+
+    def _images(self, sample):
+        height, width = self.image_resolution
+        expected_shape = f"({height}, {width}, 3) uint8"
+        images = self._require(sample, "image", f"{{camera: {expected_shape}}}")
+        masks = sample.get("image_mask", {})
+        if not isinstance(images, Mapping) or not isinstance(masks, Mapping):
+            raise ValueError(
+                f"'image' and 'image_mask' must be maps keyed by camera, got "
+                f"{_describe(images)} and {_describe(masks)}."
+            )
+        out_images, out_masks = {}, {}
+        for key in self.image_keys:
+            if key not in images:
+                raise ValueError(
+                    f"'image' has no camera {key!r} (expected {expected_shape}); it has "
+                    f"{sorted(images)}."
+                )
+            image = images[key]
+            kind = getattr(getattr(image, "dtype", None), "kind", None)
+            if (
+                not isinstance(image, np.ndarray)
+                or image.shape != (height, width, 3)
+                or not (image.dtype == np.uint8 or kind == "f")
+            ):
+                raise ValueError(
+                    f"'image/{key}' must be a {expected_shape} (or float32 in [-1, 1]) array, "
+                    f"got {_describe(image)}."
+                )
+            if image.dtype == np.uint8:
+                image = image.astype(np.float32) / 255.0 * 2.0 - 1.0
+            out_images[key] = image.astype(np.float32, copy=False)
+            mask = np.asarray(masks.get(key, True))
+            if mask.size != 1 or mask.dtype.kind not in "biu":
+                raise ValueError(f"'image_mask/{key}' must be one bool, got {_describe(mask)}.")
+            out_masks[key] = np.bool_(mask.reshape(()))
+        return {"image": out_images, "image_mask": out_masks}
+
+    def _state(self, sample):
+        expected = f"(s,) float with s <= {self.action_dim}"
+        state = self._require(sample, "state", expected)
+        if (
+            not isinstance(state, np.ndarray)
+            or state.ndim != 1
+            or state.shape[0] > self.action_dim
+            or state.dtype.kind not in "fiu"
+        ):
+            raise ValueError(f"'state' must be a {expected} array, got {_describe(state)}.")
+        out = np.zeros((self.action_dim,), np.float32)
+        out[: state.shape[0]] = state
+        return out
+
+    def _prompt(self, sample):
+        length = self.max_token_len
+        expected = f"(l,) int with l <= {length} and ids < {self.vocabulary_size}"
+        tokens = self._require(sample, "tokenized_prompt", expected)
+        if (
+            not isinstance(tokens, np.ndarray)
+            or tokens.ndim != 1
+            or tokens.shape[0] > length
+            or tokens.dtype.kind not in "iu"
+        ):
+            raise ValueError(
+                f"'tokenized_prompt' must be a {expected} array, got {_describe(tokens)}."
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocabulary_size):
+            raise ValueError(
+                f"'tokenized_prompt' ids must be in [0, {self.vocabulary_size}), got ids from "
+                f"{tokens.min()} to {tokens.max()}."
+            )
+        mask = np.asarray(sample.get("tokenized_prompt_mask", np.ones(tokens.shape, bool)))
+        if mask.shape != tokens.shape or mask.dtype.kind not in "biu":
+            raise ValueError(
+                f"'tokenized_prompt_mask' must be a bool array of the shape of "
+                f"'tokenized_prompt' {tokens.shape}, got {_describe(mask)}."
+            )
+        out_tokens = np.zeros((length,), np.int32)
+        out_mask = np.zeros((length,), bool)
+        out_tokens[: tokens.shape[0]] = tokens
+        out_mask[: tokens.shape[0]] = mask
+        return {"tokenized_prompt": out_tokens, "tokenized_prompt_mask": out_mask}

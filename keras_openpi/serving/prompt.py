@@ -1,0 +1,79 @@
+"""Prompts at serving time: choosing a tokenizer, and prompts or ready token ids."""
+
+import dataclasses
+import os
+
+import numpy as np
+
+from keras_openpi.tokenizers import ByteTokenizer
+from keras_openpi.tokenizers import PaligemmaTokenizer
+
+
+def resolve_tokenizer(spec, model):
+    """The prompt tokenizer for `model` from a CLI-style spec.
+
+    Args:
+        spec: None (the byte tokenizer when `model.vocabulary_size` is the byte
+            tokenizer's 259, as for `keras-openpi demo` models; otherwise no
+            tokenizer), `"byte"`, a path to a SentencePiece `.model` file
+            (PaliGemma's tokenizer), or a tokenizer object with `tokenize`.
+        model: the `Pi0` model (its `max_token_len` is the token length).
+
+    Returns:
+        an object with `tokenize(prompt, state=None) -> (ids, mask)`, or None.
+    """
+    max_len = model.max_token_len
+    if spec is None:
+        if model.vocabulary_size != ByteTokenizer.vocabulary_size:
+            return None
+        spec = "byte"
+    if spec == "byte":
+        if model.vocabulary_size < ByteTokenizer.vocabulary_size:
+            raise ValueError(
+                f"the byte tokenizer needs a vocabulary of {ByteTokenizer.vocabulary_size} ids; "
+                f"the model has {model.vocabulary_size}."
+            )
+        return ByteTokenizer(max_len)
+    if isinstance(spec, (str, os.PathLike)):
+        return PaligemmaTokenizer(spec, max_len=max_len)
+    if hasattr(spec, "tokenize"):
+        return spec
+    raise ValueError(
+        f"'tokenizer' must be None, 'byte', a SentencePiece .model path or an object with "
+        f"tokenize, got {type(spec).__name__}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptOrTokens:
+    """Tokenizes `prompt`, or passes through the `tokenized_prompt` the client sent.
+
+    A request may carry ready ids (`tokenized_prompt`, optional
+    `tokenized_prompt_mask`, in the model's vocabulary): they are used as sent
+    and any `prompt` is dropped. Otherwise `prompt` is tokenized by
+    `tokenize` (openpi's `TokenizePrompt`), which needs a tokenizer.
+
+    Args:
+        tokenize: the `TokenizePrompt` transform to apply to prompts.
+    """
+
+    tokenize: object
+
+    def __call__(self, data):
+        if "tokenized_prompt" in data:
+            return {k: v for k, v in data.items() if k != "prompt"}
+        if data.get("prompt") is None:
+            raise ValueError(
+                f"the observation has no 'prompt' (a str) or 'tokenized_prompt' and the server "
+                f"has no default prompt (--default-prompt); it has {sorted(data)}."
+            )
+        prompt = data["prompt"]
+        is_text_array = isinstance(prompt, np.ndarray) and prompt.dtype.kind in "US"
+        if not (isinstance(prompt, (str, bytes)) or (is_text_array and prompt.ndim == 0)):
+            raise ValueError(f"'prompt' must be a str, got {type(prompt).__name__}.")
+        if self.tokenize.tokenizer is None:
+            raise ValueError(
+                "the observation has a 'prompt' but the server has no tokenizer: start it with "
+                "--tokenizer (a SentencePiece .model, or 'byte'), or send 'tokenized_prompt'."
+            )
+        return self.tokenize(data)

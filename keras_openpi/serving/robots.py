@@ -1,0 +1,74 @@
+"""A policy's transform chains for a robot: openpi's `create_trained_policy` order.
+
+inputs: robot inputs → `Normalize` → model inputs (default prompt, resize,
+tokenize, pad); outputs: `Unnormalize` → robot outputs. The robot mappings,
+normalization and model transforms are `keras_openpi.data`'s, the same the
+trainer applies, so a policy sees requests exactly as the model saw its
+training samples.
+"""
+
+from keras_openpi.data import pipeline
+from keras_openpi.data.robots import ROBOTS
+from keras_openpi.data.robots import get_robot
+from keras_openpi.data.transforms import Group
+from keras_openpi.data.transforms import TokenizePrompt
+from keras_openpi.serving.prompt import PromptOrTokens
+
+
+def model_type_of(model):
+    """openpi's model type name of a `Pi0`: `pi0` or `pi05`."""
+    return "pi05" if model.pi05 else "pi0"
+
+
+def robot_transforms(
+    robot,
+    model,
+    *,
+    norm_stats=None,
+    tokenizer=None,
+    default_prompt=None,
+    delta_actions=False,
+    discrete_state_input=None,
+):
+    """The input and output transforms that serve `model` to `robot`.
+
+    Args:
+        robot: `aloha`, `droid`, `libero` or `raw` (the model's own layout:
+            `image {camera: (h, w, 3) uint8}`, `state (s,)`, and `prompt` or
+            `tokenized_prompt`; see `keras_openpi.data.robots`).
+        model: the `Pi0` model.
+        norm_stats: `{key: NormStats}` (state and actions), or None.
+        tokenizer: has `tokenize(prompt, state=None)` (see `resolve_tokenizer`),
+            or None (then requests must send `tokenized_prompt`).
+        default_prompt: the prompt of requests that carry none.
+        delta_actions: the model predicts actions relative to the state on the
+            robot's delta mask (openpi's `pi0_aloha`); they are made absolute.
+        discrete_state_input: π0.5 writes the state into the prompt; defaults
+            to True for π0.5 models.
+
+    Returns:
+        `Group(inputs, outputs)`.
+
+    Example:
+    >>> inputs, outputs = robot_transforms("raw", model)  # doctest: +SKIP
+    """
+    if robot not in ROBOTS:
+        raise ValueError(f"unknown robot {robot!r}; choose one of {list(ROBOTS)}.")
+    model_type = model_type_of(model)
+    model_group = pipeline.model_transforms(
+        model_type,
+        tokenizer=tokenizer,
+        action_dim=model.action_dim,
+        image_size=tuple(model.image_resolution),
+        default_prompt=default_prompt,
+        discrete_state_input=discrete_state_input,
+    )
+    model_inputs = [
+        PromptOrTokens(t) if isinstance(t, TokenizePrompt) else t for t in model_group.inputs
+    ]
+    return pipeline.build_transforms(
+        robot=get_robot(robot, model_type=model_type, delta_actions=delta_actions),
+        model=Group(model_inputs, model_group.outputs),
+        norm_stats=norm_stats,
+        use_quantiles=pipeline.uses_quantile_norm(model_type),
+    )
