@@ -8,7 +8,8 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 from keras_openpi.models import Pi0  # noqa: E402
+from keras_openpi.models import Pi0Fast  # noqa: E402
 from keras_openpi.serving import Policy  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Pi0", "Policy", "__version__"]
+__all__ = ["Pi0", "Pi0Fast", "Policy", "__version__"]

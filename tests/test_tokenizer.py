@@ -171,5 +171,5 @@ def test_full_pi05_libero_chain(model_path):
     model_out = {"actions": np.zeros((4, 32), np.float32), "state": sample["state"]}
     actions = compose(chain.outputs)(model_out)["actions"]
     np.testing.assert_allclose(actions, np.full((4, 7), 0.5 * (4 + 1e-6) - 1.0), rtol=1e-6)
-    with pytest.raises(ValueError, match="model transforms exist for 'pi0' and 'pi05'"):
-        model_transforms("pi0_fast", tokenizer=tokenizer, action_dim=32)
+    with pytest.raises(ValueError, match="model transforms exist for 'pi0', 'pi05' and 'pi0_fast'"):
+        model_transforms("pi1", tokenizer=tokenizer, action_dim=32)

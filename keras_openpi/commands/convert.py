@@ -12,9 +12,20 @@ def add_parser(subparsers):
         "source",
         help="openpi params/ orbax directory or .npz of flat openpi parameter paths",
     )
-    parser.add_argument("--model", choices=["pi0", "pi05"], required=True)
+    parser.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], required=True)
     parser.add_argument("--action-horizon", type=int, required=True)
-    parser.add_argument("--max-token-len", type=int, default=None)
+    parser.add_argument(
+        "--action-dim",
+        type=int,
+        default=None,
+        help="pi0_fast only (required there): width of the decoded action chunks",
+    )
+    parser.add_argument(
+        "--max-token-len",
+        type=int,
+        default=None,
+        help="token length (default: 48 pi0, 200 pi05, 250 pi0_fast)",
+    )
     parser.add_argument(
         "--lora-scale",
         type=float,
@@ -26,17 +37,36 @@ def add_parser(subparsers):
 
 
 def run(args):
+    from keras_openpi.convert import pi0_fast_from_openpi
     from keras_openpi.convert import pi0_from_openpi
 
     if not args.output.endswith(".keras"):
         raise ValueError(f"--output must end in .keras, got {args.output!r}.")
-    model = pi0_from_openpi(
-        args.source,
-        action_horizon=args.action_horizon,
-        max_token_len=args.max_token_len,
-        model=args.model,
-        lora_scale=args.lora_scale,
-    )
+    if args.model == "pi0_fast":
+        if args.action_dim is None:
+            raise ValueError(
+                "--model pi0_fast needs --action-dim (the width of the decoded action chunks; "
+                "openpi's Pi0FASTConfig.action_dim, e.g. 8 for DROID, 7 for LIBERO)."
+            )
+        model = pi0_fast_from_openpi(
+            args.source,
+            action_dim=args.action_dim,
+            action_horizon=args.action_horizon,
+            max_token_len=args.max_token_len or 250,
+            lora_scale=args.lora_scale,
+        )
+    else:
+        if args.action_dim is not None:
+            raise ValueError(
+                f"--action-dim is for pi0_fast; a {args.model} checkpoint holds its action width."
+            )
+        model = pi0_from_openpi(
+            args.source,
+            action_horizon=args.action_horizon,
+            max_token_len=args.max_token_len,
+            model=args.model,
+            lora_scale=args.lora_scale,
+        )
     # Write next to the target and rename, so that a failure leaves nothing behind.
     partial = args.output + ".partial.keras"
     try:

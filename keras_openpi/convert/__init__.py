@@ -1,6 +1,9 @@
 """Importing openpi checkpoints."""
 
 from keras_openpi.convert.openpi_params import load_openpi_params
+from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
+from keras_openpi.convert.pi0_fast_weights import openpi_model_type
+from keras_openpi.convert.pi0_fast_weights import pi0_fast_config_from_params
 from keras_openpi.convert.pi0_weights import load_pi0_weights
 from keras_openpi.convert.pi0_weights import pi0_config_from_params
 
@@ -33,13 +36,8 @@ def pi0_from_openpi(
     if model not in ("pi0", "pi05"):
         raise ValueError(f"model must be 'pi0' or 'pi05', got {model!r}.")
     params = load_openpi_params(source)
+    _check_model_type(params, model, source)
     config = pi0_config_from_params(params)
-    if config["pi05"] != (model == "pi05"):
-        found = "pi05" if config["pi05"] else "pi0"
-        raise ValueError(
-            f"--model {model} was asked for, but the checkpoint {str(source)!r} holds "
-            f"a {found} model (π0.5 has time_mlp_in, π0 has state_proj)."
-        )
     policy = Pi0(
         **config, action_horizon=action_horizon, max_token_len=max_token_len, **kwargs
     )
@@ -47,9 +45,62 @@ def pi0_from_openpi(
     return policy
 
 
+def pi0_fast_from_openpi(
+    source,
+    action_dim,
+    action_horizon,
+    max_token_len=250,
+    lora_scale=1.0,
+    **kwargs,
+):
+    """Builds a `Pi0Fast` from an openpi π0-FAST checkpoint, inferring its architecture.
+
+    Args:
+        source: an openpi orbax `params/` directory or an `.npz` of flat
+            openpi paths (see `load_openpi_params`).
+        action_dim: D of the decoded chunks (openpi: `Pi0FASTConfig.action_dim`,
+            e.g. 8 for DROID, 7 for LIBERO); not stored in the checkpoint.
+        action_horizon: H of the decoded chunks; not stored either.
+        max_token_len: token sequence length L (openpi's default 250).
+        lora_scale: openpi's LoRA `alpha / rank`, for checkpoints with adapters
+            (they are merged into the base weights).
+        **kwargs: more `Pi0Fast` arguments (e.g. `dtype`, `image_keys`).
+
+    Returns:
+        a `keras_openpi.models.Pi0Fast` holding the checkpoint's weights.
+    """
+    from keras_openpi.models import Pi0Fast
+
+    params = load_openpi_params(source)
+    _check_model_type(params, "pi0_fast", source)
+    policy = Pi0Fast(
+        **pi0_fast_config_from_params(params),
+        action_dim=action_dim,
+        action_horizon=action_horizon,
+        max_token_len=max_token_len,
+        **kwargs,
+    )
+    load_pi0_fast_weights(policy, params, lora_scale=lora_scale)
+    return policy
+
+
+def _check_model_type(params, model, source):
+    found = openpi_model_type(params)
+    if found != model:
+        raise ValueError(
+            f"--model {model} was asked for, but the checkpoint {str(source)!r} holds "
+            f"a {found} model (π0.5 has time_mlp_in, π0 has state_proj, π0-FAST has a "
+            "single Gemma and no action projections)."
+        )
+
+
 __all__ = [
     "load_openpi_params",
+    "load_pi0_fast_weights",
     "load_pi0_weights",
+    "openpi_model_type",
     "pi0_config_from_params",
+    "pi0_fast_config_from_params",
+    "pi0_fast_from_openpi",
     "pi0_from_openpi",
 ]

@@ -15,31 +15,27 @@ def _shape(params, key):
     return params[key].shape
 
 
-def pi0_config_from_params(params):
-    """Infers `Pi0` architecture arguments from openpi parameter shapes.
+def _whole(array):
+    return array
 
-    Returns:
-        dict with `paligemma_variant`, `action_expert_variant` (dimension dicts),
-        `vision_variant`, `vocabulary_size`, `action_dim`, `pi05` and
-        `image_resolution`.
-    """
-    params = merge_openpi_lora(params)
 
-    def gemma(suffix):
-        depth, num_heads, width, head_dim = _shape(
-            params, f"{LLM}/layers/attn/q_einsum{suffix}/w"
-        )
-        num_kv_heads = _shape(params, f"{LLM}/layers/attn/kv_einsum{suffix}/w")[2]
-        mlp_dim = _shape(params, f"{LLM}/layers/mlp{suffix}/linear")[1]
-        return dict(
-            width=width,
-            depth=depth,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-        )
+def gemma_config_from_params(params, suffix=""):
+    """The Gemma dimensions (`GEMMA_KEYS` dict) of openpi's expert `suffix` ("" or "_1")."""
+    depth, num_heads, width, head_dim = _shape(params, f"{LLM}/layers/attn/q_einsum{suffix}/w")
+    num_kv_heads = _shape(params, f"{LLM}/layers/attn/kv_einsum{suffix}/w")[2]
+    mlp_dim = _shape(params, f"{LLM}/layers/mlp{suffix}/linear")[1]
+    return dict(
+        width=width,
+        depth=depth,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
 
+
+def vision_config_from_params(params):
+    """`vision_variant` (`SIGLIP_KEYS` dict) and `image_resolution` of openpi's SigLIP."""
     patch, _, _, vision_width = _shape(params, f"{IMG}/embedding/kernel")
     num_patches = _shape(params, f"{IMG}/pos_embedding")[1]
     side = int(round(num_patches**0.5))
@@ -55,14 +51,27 @@ def pi0_config_from_params(params):
         num_heads=_shape(params, f"{BLOCK}/MultiHeadDotProductAttention_0/query/kernel")[2],
         patch_size=patch,
     )
+    return vision, (side * patch, side * patch)
+
+
+def pi0_config_from_params(params):
+    """Infers `Pi0` architecture arguments from openpi parameter shapes.
+
+    Returns:
+        dict with `paligemma_variant`, `action_expert_variant` (dimension dicts),
+        `vision_variant`, `vocabulary_size`, `action_dim`, `pi05` and
+        `image_resolution`.
+    """
+    params = merge_openpi_lora(params)
+    vision, resolution = vision_config_from_params(params)
     return dict(
-        paligemma_variant=gemma(""),
-        action_expert_variant=gemma("_1"),
+        paligemma_variant=gemma_config_from_params(params, ""),
+        action_expert_variant=gemma_config_from_params(params, "_1"),
         vision_variant=vision,
         vocabulary_size=_shape(params, f"{LLM}/embedder/input_embedding")[0],
         action_dim=_shape(params, "action_in_proj/kernel")[0],
         pi05="time_mlp_in/kernel" in params,
-        image_resolution=(side * patch, side * patch),
+        image_resolution=resolution,
     )
 
 
@@ -76,17 +85,17 @@ def _norm_entries(openpi_norm, keras_norm, stacked_index=None):
     ]
 
 
-def pi0_weight_map(model):
-    """Yields `(openpi_path, keras_path, select)` for every `Pi0` weight.
+def gemma_weight_map(gemma, experts):
+    """`(openpi_path, keras_path, select)` entries of a `GemmaMixture` named `gemma`.
 
-    `select(openpi_array)` returns the part of the openpi array that is the
-    Keras weight (one layer of a depth-stacked array, one of the stacked
-    key/value or gate/up matrices). Keras paths omit the model's own name.
-    adaRMS entries appear for both forms; only those the model has are used.
+    Args:
+        gemma: the model's `GemmaMixture`.
+        experts: `(openpi suffix, Keras expert name)` pairs, e.g.
+            `[("", "vlm"), ("_1", "action_expert")]`; expert 0 owns the
+            token embedding.
     """
     entries = []
-    experts = [("", "vlm"), ("_1", "action_expert")]
-    for i in range(model.gemma.depth):
+    for i in range(gemma.depth):
         at = lambda i=i: (lambda a: a[i])  # noqa: E731
         for suffix, expert in experts:
             block = f"gemma/decoder_block_{i}/{expert}"
@@ -117,18 +126,21 @@ def pi0_weight_map(model):
             )
     for suffix, expert in experts:
         entries += _norm_entries(f"{LLM}/final_norm{suffix}", f"gemma/{expert}_final_norm")
-    whole = lambda a: a  # noqa: E731
-    entries.append((f"{LLM}/embedder/input_embedding", "gemma/token_embedding/embeddings", whole))
+    entries.append((f"{LLM}/embedder/input_embedding", "gemma/token_embedding/embeddings", _whole))
+    return entries
 
+
+def vision_weight_map(encoder):
+    """`(openpi_path, keras_path, select)` entries of a `SigLIPEncoder` named `vision_encoder`."""
     vision = "vision_encoder"
-    entries += [
-        (f"{IMG}/embedding/kernel", f"{vision}/patch_embedding/kernel", whole),
-        (f"{IMG}/embedding/bias", f"{vision}/patch_embedding/bias", whole),
-        (f"{IMG}/pos_embedding", f"{vision}/position_embedding", whole),
-        (f"{IMG}/Transformer/encoder_norm/scale", f"{vision}/encoder_norm/gamma", whole),
-        (f"{IMG}/Transformer/encoder_norm/bias", f"{vision}/encoder_norm/beta", whole),
-        (f"{IMG}/head/kernel", f"{vision}/head/kernel", whole),
-        (f"{IMG}/head/bias", f"{vision}/head/bias", whole),
+    entries = [
+        (f"{IMG}/embedding/kernel", f"{vision}/patch_embedding/kernel", _whole),
+        (f"{IMG}/embedding/bias", f"{vision}/patch_embedding/bias", _whole),
+        (f"{IMG}/pos_embedding", f"{vision}/position_embedding", _whole),
+        (f"{IMG}/Transformer/encoder_norm/scale", f"{vision}/encoder_norm/gamma", _whole),
+        (f"{IMG}/Transformer/encoder_norm/bias", f"{vision}/encoder_norm/beta", _whole),
+        (f"{IMG}/head/kernel", f"{vision}/head/kernel", _whole),
+        (f"{IMG}/head/bias", f"{vision}/head/bias", _whole),
     ]
     vision_parts = {
         "LayerNorm_0/scale": "attention_norm/gamma",
@@ -149,7 +161,7 @@ def pi0_weight_map(model):
         vision_parts[f"MultiHeadDotProductAttention_0/out/{kind}"] = (
             f"attention/attention_output/{kind}"
         )
-    for j in range(model.vision_encoder.depth):
+    for j in range(encoder.depth):
         for openpi_part, keras_part in vision_parts.items():
             entries.append(
                 (
@@ -158,6 +170,19 @@ def pi0_weight_map(model):
                     lambda a, j=j: a[j],
                 )
             )
+    return entries
+
+
+def pi0_weight_map(model):
+    """Yields `(openpi_path, keras_path, select)` for every `Pi0` weight.
+
+    `select(openpi_array)` returns the part of the openpi array that is the
+    Keras weight (one layer of a depth-stacked array, one of the stacked
+    key/value or gate/up matrices). Keras paths omit the model's own name.
+    adaRMS entries appear for both forms; only those the model has are used.
+    """
+    entries = gemma_weight_map(model.gemma, [("", "vlm"), ("_1", "action_expert")])
+    entries += vision_weight_map(model.vision_encoder)
 
     projections = ["action_in_proj", "action_out_proj"]
     projections += (
@@ -167,7 +192,7 @@ def pi0_weight_map(model):
     )
     for name in projections:
         for kind in ("kernel", "bias"):
-            entries.append((f"{name}/{kind}", f"{name}/{kind}", whole))
+            entries.append((f"{name}/{kind}", f"{name}/{kind}", _whole))
     return entries
 
 
@@ -195,10 +220,26 @@ def load_pi0_weights(model, params, lora_scale=1.0):
     Returns:
         the list of openpi paths that were not used.
     """
+    return assign_openpi_weights(model, params, pi0_weight_map(model), lora_scale)
+
+
+def assign_openpi_weights(model, params, entries, lora_scale=1.0):
+    """Assigns openpi parameters to `model` through a weight map, after checking all of them.
+
+    Args:
+        model: a built model.
+        params: flat openpi parameter dict (see `load_openpi_params`).
+        entries: `(openpi_path, keras_path, select)` for every model weight
+            (entries naming weights the model lacks are skipped).
+        lora_scale: openpi's LoRA `alpha / rank`.
+
+    Returns:
+        the list of openpi paths that were not used.
+    """
     params = merge_openpi_lora(params, lora_scale)
     variables = _keras_variables(model)
     values, used = {}, set()
-    for openpi_path, keras_path, select in pi0_weight_map(model):
+    for openpi_path, keras_path, select in entries:
         if keras_path not in variables:
             continue  # the other norm form (adaRMS vs plain)
         variable = variables[keras_path]

@@ -1,10 +1,12 @@
 """The full transform chains of training and of a policy, in openpi's order."""
 
+from keras_openpi.data.transforms import ExtractFASTActions
 from keras_openpi.data.transforms import Group
 from keras_openpi.data.transforms import InjectDefaultPrompt
 from keras_openpi.data.transforms import Normalize
 from keras_openpi.data.transforms import PadStatesAndActions
 from keras_openpi.data.transforms import ResizeImages
+from keras_openpi.data.transforms import TokenizeFASTInputs
 from keras_openpi.data.transforms import TokenizePrompt
 from keras_openpi.data.transforms import Unnormalize
 
@@ -22,28 +24,46 @@ def model_transforms(
     image_size=(224, 224),
     default_prompt=None,
     discrete_state_input=None,
+    action_horizon=None,
 ):
-    """openpi's `ModelTransformFactory` for π0 and π0.5.
+    """openpi's `ModelTransformFactory` for π0, π0.5 and π0-FAST.
 
-    Inputs: `InjectDefaultPrompt → ResizeImages → TokenizePrompt → PadStatesAndActions`.
+    π0 / π0.5 inputs: `InjectDefaultPrompt → ResizeImages → TokenizePrompt →
+    PadStatesAndActions`, no outputs. π0-FAST inputs: `InjectDefaultPrompt →
+    ResizeImages → TokenizeFASTInputs` (state and actions are not padded: the
+    FAST tokens hold them); outputs: `ExtractFASTActions` (generated token
+    ids → (H, action_dim) chunk).
 
     Args:
-        model_type: `pi0` or `pi05`.
-        tokenizer: has `tokenize(prompt, state=None)` (its length is the
-            model's `max_token_len`).
+        model_type: `pi0`, `pi05` or `pi0_fast`.
+        tokenizer: π0 / π0.5: has `tokenize(prompt, state=None)` (its length is
+            the model's `max_token_len`); π0-FAST: a `FASTPromptTokenizer`.
         action_dim: the model's state/action width.
         image_size: `(height, width)` of the model's cameras.
         default_prompt: the prompt of samples that have none.
         discrete_state_input: π0.5 puts the state into the prompt; defaults to
             True for `pi05` (openpi's `pi05_libero` sets it False).
+        action_horizon: π0-FAST only (needed): H of the decoded chunks.
 
     Returns:
-        `Group(inputs, outputs=())`.
+        `Group(inputs, outputs)`.
     """
-    if model_type not in ("pi0", "pi05"):
+    if model_type not in ("pi0", "pi05", "pi0_fast"):
         raise ValueError(
-            f"model transforms exist for 'pi0' and 'pi05', got {model_type!r} (π0-FAST needs "
-            "the FAST action tokenizer)."
+            f"model transforms exist for 'pi0', 'pi05' and 'pi0_fast', got {model_type!r}."
+        )
+    if model_type == "pi0_fast":
+        if discrete_state_input is not None:
+            raise ValueError("discrete_state_input is a π0.5 option; model_type is 'pi0_fast'.")
+        if action_horizon is None:
+            raise ValueError("model_type 'pi0_fast' needs action_horizon (H of the decoded chunks).")
+        return Group(
+            inputs=(
+                InjectDefaultPrompt(default_prompt),
+                ResizeImages(*image_size),
+                TokenizeFASTInputs(tokenizer),
+            ),
+            outputs=(ExtractFASTActions(tokenizer, action_horizon, action_dim),),
         )
     if discrete_state_input is None:
         discrete_state_input = model_type == "pi05"

@@ -365,6 +365,82 @@ class TokenizePrompt:
         return data
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizeFASTInputs:
+    """π0-FAST's inputs: `prompt`, `state` (and `actions` in training) become tokens.
+
+    Writes `tokenized_prompt`, `tokenized_prompt_mask`, `token_ar_mask` and
+    `token_loss_mask` (each (L,)); `state` and `actions` stay in the sample.
+    Without `actions` (inference) only the prefix is tokenized.
+
+    Args:
+        tokenizer: a `keras_openpi.tokenizers.FASTPromptTokenizer`.
+    """
+
+    tokenizer: Any
+
+    def __call__(self, data):
+        if data.get("prompt") is None:
+            raise ValueError(
+                f"TokenizeFASTInputs: the sample has no 'prompt' (set one with the dataset's "
+                f"tasks or a default prompt); it has {sorted(data)}."
+            )
+        if "state" not in data:
+            raise ValueError(
+                f"TokenizeFASTInputs: π0-FAST writes the state into the prompt; the sample "
+                f"has no 'state'; it has {sorted(data)}."
+            )
+        data = dict(data)
+        prompt = data.pop("prompt")
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.item()
+        if isinstance(prompt, bytes):
+            prompt = prompt.decode("utf-8")
+        actions = data.get("actions")
+        tokens, token_mask, ar_mask, loss_mask = self.tokenizer.tokenize(
+            prompt, np.asarray(data["state"]), None if actions is None else np.asarray(actions)
+        )
+        data["tokenized_prompt"] = np.asarray(tokens, dtype=np.int32)
+        data["tokenized_prompt_mask"] = np.asarray(token_mask, dtype=bool)
+        data["token_ar_mask"] = np.asarray(ar_mask, dtype=np.int32)
+        data["token_loss_mask"] = np.asarray(loss_mask, dtype=bool)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractFASTActions:
+    """π0-FAST's outputs: the generated token ids in `actions` become an (H, D) chunk.
+
+    openpi's policy puts the model's output in `actions`; for π0-FAST those
+    are token ids, decoded here with the tokenizer's `extract_actions`
+    (zeros when the tokens hold no valid chunk). Samples without `actions`
+    pass through.
+
+    Args:
+        tokenizer: the `FASTPromptTokenizer` of the model.
+        action_horizon: H.
+        action_dim: D (the model's `action_dim`).
+    """
+
+    tokenizer: Any
+    action_horizon: int
+    action_dim: int
+
+    def __call__(self, data):
+        if "actions" not in data:
+            return data
+        tokens = np.asarray(data["actions"])
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"ExtractFASTActions: 'actions' must hold one sequence of generated token ids "
+                f"(T,), got shape {tokens.shape}."
+            )
+        actions = self.tokenizer.extract_actions(
+            tokens.astype(np.int32), self.action_horizon, self.action_dim
+        )
+        return {**data, "actions": actions}
+
+
 # === Normalization ===
 
 

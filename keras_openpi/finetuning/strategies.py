@@ -5,6 +5,7 @@ import dataclasses
 from keras_openpi.finetuning.freezing import freeze
 from keras_openpi.finetuning.freezing import group_layers
 from keras_openpi.finetuning.freezing import unfreeze_all
+from keras_openpi.finetuning.groups import declared_groups
 from keras_openpi.finetuning.lora import add_adapters
 from keras_openpi.finetuning.lora import adapted_layers
 from keras_openpi.finetuning.lora import resolve_lora_config
@@ -141,19 +142,20 @@ def apply_strategy(
             "strategy to a float model (frozen_dtype is one of its options)."
         )
     frozen_groups = spec.frozen_groups + (("vision",) if freeze_vision else ())
+    lora_targets = _model_lora_targets(model, spec, frozen_groups)
     lora_config = (
-        resolve_lora_config(model, rank, alpha, spec.lora_targets) if spec.lora_targets else {}
+        resolve_lora_config(model, rank, alpha, lora_targets) if lora_targets else {}
     )
     if quantize:
         quantization_mode(quantize)  # validated before anything changes
-    if quantize and not (spec.lora_targets or frozen_groups):
+    if quantize and not (lora_targets or frozen_groups):
         raise ValueError(
             f"quantize={quantize!r} quantizes frozen weights, and strategy {strategy!r} freezes none."
         )
 
     unfreeze_all(model)
     if quantize:
-        quantize_layers(model, group_layers(model, spec.lora_targets + frozen_groups), quantize)
+        quantize_layers(model, group_layers(model, lora_targets + frozen_groups), quantize)
     add_adapters(model, lora_config)
     freeze(model, patterns=freeze_patterns, groups=frozen_groups)
     if frozen_dtype:
@@ -165,3 +167,22 @@ def apply_strategy(
     state.remat = bool(remat)
     model.reset_train_functions()
     return spec
+
+
+def _model_lora_targets(model, spec, frozen_groups):
+    """The strategy's LoRA targets that `model` has (π0-FAST has no action expert:
+    `lora` adapts its VLM, as openpi's `gemma_2b_lora`); an error when the strategy
+    adapts nothing of the model or would freeze all of it."""
+    declared = declared_groups(model)
+    targets = tuple(t for t in spec.lora_targets if t in declared)
+    if spec.lora_targets and not targets:
+        raise ValueError(
+            f"Strategy {spec.name!r} adapts {list(spec.lora_targets)}, which "
+            f"{type(model).__name__} does not have (its groups: {sorted(declared)})."
+        )
+    if not targets and set(declared) <= set(frozen_groups):
+        raise ValueError(
+            f"Strategy {spec.name!r} freezes {list(frozen_groups)}: every weight of "
+            f"{type(model).__name__} (its groups: {sorted(declared)})."
+        )
+    return targets

@@ -126,11 +126,18 @@ class DecoderBlock(keras.layers.Layer):
         attention_mask: (B, T, S) bool, S = cached length + T.
         conds: optional list of per-expert adaRMS conditions (B, C) or None.
         kv_cache: optional `(keys, values)`, (B, S - T, K, H) each, prepended
-            to this block's keys and values.
+            to this block's keys and values; or, with `cache_index`, a
+            preallocated cache of (B, S, K, H) each.
+        cache_index: with a preallocated `kv_cache`, the (scalar, possibly
+            traced) slot where this call's T keys and values are written
+            (`ops.slice_update`); the queries then attend over all S slots
+            (unwritten slots hold zeros; mask them out). This is π0-FAST's
+            decoding cache: prefill at 0, then one token at a time.
 
     Returns:
         `(outputs, (keys, values))`: the per-expert outputs (None where the
-        input was None) and the rotated keys and values of length S.
+        input was None) and the rotated keys and values of length S (the
+        updated cache when `cache_index` is given).
 
     Example:
     >>> block = DecoderBlock(
@@ -181,7 +188,9 @@ class DecoderBlock(keras.layers.Layer):
             expert.build()
         self.built = True
 
-    def call(self, xs, positions, attention_mask, conds=None, kv_cache=None):
+    def call(
+        self, xs, positions, attention_mask, conds=None, kv_cache=None, cache_index=None
+    ):
         if len(xs) != len(self.experts):
             raise ValueError(
                 f"{self.name} has {len(self.experts)} experts, got {len(xs)} inputs."
@@ -199,7 +208,13 @@ class DecoderBlock(keras.layers.Layer):
         queries = apply_rotary_embedding(queries, positions, self.max_wavelength)
         queries = queries * ops.cast(self.head_dim**-0.5, queries.dtype)
         keys = apply_rotary_embedding(keys, positions, self.max_wavelength)
-        if kv_cache is not None:
+        if cache_index is not None:
+            if kv_cache is None:
+                raise ValueError(f"{self.name}: cache_index needs a preallocated kv_cache.")
+            start = (0, cache_index, 0, 0)
+            keys = ops.slice_update(kv_cache[0], start, ops.cast(keys, kv_cache[0].dtype))
+            values = ops.slice_update(kv_cache[1], start, ops.cast(values, kv_cache[1].dtype))
+        elif kv_cache is not None:
             keys = ops.concatenate([ops.cast(kv_cache[0], keys.dtype), keys], axis=1)
             values = ops.concatenate(
                 [ops.cast(kv_cache[1], values.dtype), values], axis=1

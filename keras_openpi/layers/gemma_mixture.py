@@ -107,7 +107,15 @@ class GemmaMixture(keras.layers.Layer):
         table = ops.cast(self.token_embedding.embeddings, x.dtype)
         return ops.cast(ops.matmul(x, ops.transpose(table)), "float32")
 
-    def call(self, xs, positions, attention_mask, conds=None, kv_cache=None):
+    def init_kv_cache(self, batch_size, length, dtype=None):
+        """A preallocated all-zero cache: one `(keys, values)` of (B, S, K, H) per block."""
+        shape = (batch_size, length, self.num_key_value_heads, self.head_dim)
+        dtype = dtype or self.compute_dtype
+        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.decoder_blocks]
+
+    def call(
+        self, xs, positions, attention_mask, conds=None, kv_cache=None, cache_index=None
+    ):
         """Runs the blocks and the final norms.
 
         Args:
@@ -116,6 +124,9 @@ class GemmaMixture(keras.layers.Layer):
             attention_mask: (B, T, S) bool.
             conds: optional per-expert adaRMS conditions.
             kv_cache: optional list (one per block) of `(keys, values)`.
+            cache_index: with a preallocated `kv_cache` (see `init_kv_cache`),
+                the slot where this call's keys and values are written; the
+                queries attend over the whole cache (see `DecoderBlock`).
 
         Returns:
             `(outputs, kv_cache)`: per-expert (B, T_e, D_e) outputs after the
@@ -131,6 +142,7 @@ class GemmaMixture(keras.layers.Layer):
                 attention_mask,
                 conds=conds,
                 kv_cache=None if kv_cache is None else kv_cache[i],
+                cache_index=cache_index,
             )
             new_cache.append(block_kv)
         outputs = [
