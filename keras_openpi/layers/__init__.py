@@ -4,6 +4,7 @@ from keras_openpi.layers.decoder_block import DecoderBlock
 from keras_openpi.layers.decoder_block import DecoderExpert
 from keras_openpi.layers.feed_forward import GatedFeedForward
 from keras_openpi.layers.gemma_mixture import GemmaMixture
+from keras_openpi.layers.layer_norm import LayerNorm
 from keras_openpi.layers.masks import make_attention_mask
 from keras_openpi.layers.rms_norm import AdaptiveRMSNorm
 from keras_openpi.layers.rms_norm import RMSNorm

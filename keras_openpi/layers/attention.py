@@ -11,6 +11,12 @@ MASK_FILL_VALUE = -2.3819763e38
 def joint_attention(queries, keys, values, attention_mask):
     """Scaled dot-product attention with MQA/GQA, float32 logits and softmax.
 
+    The G query heads that share a key/value head are folded into the query
+    rows, `(B, K, T * G, H)`, so that both products are plain batched matrix
+    products over `(B, K)`: with one kv head (Gemma's MQA) no head transpose
+    is needed at all, and the gradients need no transposed copy of the
+    (large) attention probabilities.
+
     Args:
         queries: (B, T, N, H), already rotated and scaled by `H ** -0.5`.
         keys: (B, S, K, H), rotated; N must be a multiple of K.
@@ -20,7 +26,7 @@ def joint_attention(queries, keys, values, attention_mask):
     Returns:
         (B, T, N, H) in the dtype of `values`.
     """
-    batch, length, num_heads, head_dim = queries.shape
+    _, length, num_heads, head_dim = queries.shape
     num_kv_heads = keys.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(
@@ -28,14 +34,20 @@ def joint_attention(queries, keys, values, attention_mask):
             f"num_key_value_heads ({num_kv_heads})."
         )
     groups = num_heads // num_kv_heads
+    # (B, T, K, G, H) -> (B, K, T * G, H); keys and values -> (B, K, S, H).
     q = ops.reshape(queries, (-1, length, num_kv_heads, groups, head_dim))
-    logits = ops.einsum(
-        "BTKGH,BSKH->BKGTS", ops.cast(q, "float32"), ops.cast(keys, "float32")
-    )
-    mask = ops.cast(attention_mask, "bool")[:, None, None, :, :]
+    q = ops.reshape(ops.transpose(q, (0, 2, 1, 3, 4)), (-1, num_kv_heads, length * groups, head_dim))
+    k = ops.transpose(keys, (0, 2, 1, 3))
+    v = ops.transpose(values, (0, 2, 1, 3))
+    logits = ops.einsum("BKQH,BKSH->BKQS", ops.cast(q, "float32"), ops.cast(k, "float32"))
+    logits = ops.reshape(logits, (-1, num_kv_heads, length, groups, logits.shape[-1]))
+    mask = ops.cast(attention_mask, "bool")[:, None, :, None, :]
     logits = ops.where(mask, logits, MASK_FILL_VALUE)
     probs = ops.cast(ops.softmax(logits, axis=-1), values.dtype)
-    encoded = ops.einsum("BKGTS,BSKH->BTKGH", probs, values)
+    probs = ops.reshape(probs, (-1, num_kv_heads, length * groups, probs.shape[-1]))
+    encoded = ops.einsum("BKQS,BKSH->BKQH", probs, v)
+    encoded = ops.reshape(encoded, (-1, num_kv_heads, length, groups, head_dim))
+    encoded = ops.transpose(encoded, (0, 2, 1, 3, 4))
     return ops.reshape(encoded, (-1, length, num_heads, head_dim))
 
 

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_openpi.layers.layer_norm import LayerNorm
+
 
 def _gelu_tanh(x):
     return ops.gelu(x, approximate=True)
@@ -33,18 +35,14 @@ class SigLIPBlock(keras.layers.Layer):
         dtype = self.dtype_policy
 
         # === Layers ===
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=1e-6, dtype=dtype, name="attention_norm"
-        )
+        self.attention_norm = LayerNorm(epsilon=1e-6, dtype=dtype, name="attention_norm")
         self.attention = keras.layers.MultiHeadAttention(
             num_heads=self.num_heads,
             key_dim=width // self.num_heads,
             dtype=dtype,
             name="attention",
         )
-        self.mlp_norm = keras.layers.LayerNormalization(
-            epsilon=1e-6, dtype=dtype, name="mlp_norm"
-        )
+        self.mlp_norm = LayerNorm(epsilon=1e-6, dtype=dtype, name="mlp_norm")
         self.mlp_in = keras.layers.Dense(
             self.mlp_dim, activation=_gelu_tanh, dtype=dtype, name="mlp_in"
         )
@@ -59,9 +57,15 @@ class SigLIPBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        h = self.attention_norm(x)
-        x = x + self.attention(h, h)
-        return x + self.mlp_out(self.mlp_in(self.mlp_norm(x)))
+        # The residual stream runs as (B * T, D) rows (only the attention sees
+        # (B, T, D)): the same math, but its gradient compiles to fewer and
+        # cheaper transposing fusions on CPU (~10% of a π0 training step).
+        _, length, width = ops.shape(x)
+        x = ops.reshape(x, (-1, width))
+        h = ops.reshape(self.attention_norm(x), (-1, length, width))
+        x = x + ops.reshape(self.attention(h, h), (-1, width))
+        x = x + self.mlp_out(self.mlp_in(self.mlp_norm(x)))
+        return ops.reshape(x, (-1, length, width))
 
     def get_config(self):
         return {
@@ -147,7 +151,7 @@ class SigLIPEncoder(keras.layers.Layer):
             SigLIPBlock(num_heads, mlp_dim, dtype=dtype, name=f"encoder_block_{i}")
             for i in range(depth)
         ]
-        self.encoder_norm = keras.layers.LayerNormalization(
+        self.encoder_norm = LayerNorm(
             epsilon=1e-6, dtype=dtype, name="encoder_norm"
         )
         self.head = keras.layers.Dense(self.output_dim, dtype=dtype, name="head")
