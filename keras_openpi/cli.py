@@ -6,6 +6,8 @@ import sys
 
 # Subcommand modules; each has `add_parser(subparsers)` and `run(args) -> int`.
 COMMANDS = ["convert", "demo", "norm_stats", "serve", "train"]
+# Commands whose process trains: glibc keeps XLA's per-step buffers (see retain_freed_memory).
+TRAINING_COMMANDS = ("demo", "train")
 
 
 def build_parser():
@@ -21,7 +23,12 @@ def build_parser():
 
 
 def main(argv=None):
+    """Runs a subcommand; `argv=None` means this process is `keras-openpi` itself."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING_COMMANDS:
+        from keras_openpi.backend import retain_freed_memory
+
+        retain_freed_memory()  # a process-wide allocator setting: only in our own process
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
