@@ -11,25 +11,15 @@ from keras_openpi.cli import main as cli
 from keras_openpi.convert import load_openpi_params
 from keras_openpi.convert import pi0_config_from_params
 from keras_openpi.convert import pi0_from_openpi
+from keras_openpi.data.transforms import unflatten_dict
 
 from conftest import fixture_path
-
-
-def _nest(flat):
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _write_orbax(path, flat):
     import orbax.checkpoint as ocp
 
-    ocp.PyTreeCheckpointer().save(os.fspath(path), {"params": _nest(flat)})
+    ocp.PyTreeCheckpointer().save(os.fspath(path), {"params": unflatten_dict(flat)})
 
 
 def _sample(model, fixture):

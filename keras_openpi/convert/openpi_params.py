@@ -4,16 +4,7 @@ import os
 
 import numpy as np
 
-
-def _flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
+from keras_openpi.data.transforms import flatten_dict
 
 
 def _normalize_path(path):
@@ -62,7 +53,7 @@ def load_openpi_params(path):
             os.path.join(path, "params")
         ):
             path = os.path.join(path, "params")  # a step directory was given
-        flat = _flatten(_read_orbax(path))
+        flat = flatten_dict(_read_orbax(path))
     else:
         with np.load(path, allow_pickle=False) as data:
             flat = {

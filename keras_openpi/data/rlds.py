@@ -36,6 +36,8 @@ import threading
 
 import numpy as np
 
+from keras_openpi.data.transforms import flatten_dict
+
 from keras_openpi.data.video import decode_image
 
 _MAX_STEPS = 1 << 30
@@ -87,17 +89,6 @@ def find_builder_dir(path, name=None, version=None):
             "(a builder's version directory, e.g. <data_dir>/droid/1.0.1)."
         )
     return versions[-1]
-
-
-def _flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
 
 
 def _stack(values):
@@ -185,7 +176,7 @@ class RldsDataset:
 
     def _check_paths(self):
         tfds = _tfds()
-        flat = _flatten(self._step_features().get_serialized_info())
+        flat = flatten_dict(self._step_features().get_serialized_info())
         available = sorted(flat)
         self._image_paths = set()
         paths = [p for ps in self.keys.values() for p in ps] + self.prompt_paths
@@ -264,7 +255,7 @@ class RldsDataset:
             cache = self._local.episodes = collections.OrderedDict()
         if index not in cache:
             steps = self._source()[index]["steps"]
-            flat = [_flatten(steps[t]) for t in range(len(steps))]
+            flat = [flatten_dict(steps[t]) for t in range(len(steps))]
             cache[index] = {k: _stack([f[k] for f in flat]) for k in flat[0]}
             if len(cache) > 2:
                 cache.popitem(last=False)
@@ -351,7 +342,7 @@ class RldsDataset:
             metadata = episode.get("episode_metadata", {})
             if self.episode_filter is not None and not self.episode_filter(metadata):
                 continue
-            yield position, _flatten(episode["steps"])
+            yield position, flatten_dict(episode["steps"])
             position += 1
 
     def iterate(self, shuffle=False, seed=0, buffer_size=1000):

@@ -1,12 +1,12 @@
 """π0-FAST's token sequence: prompt and state as text, then FAST action tokens."""
 
 import logging
-import pathlib
 
 import numpy as np
 
 from keras_openpi.tokenizers.fast import FASTTokenizer
 from keras_openpi.tokenizers.prompt_tokenizer import discretize_state
+from keras_openpi.tokenizers.sentencepiece_model import SentencePieceModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +51,22 @@ class FASTPromptTokenizer:
     """
 
     def __init__(self, model_path, fast_tokenizer, max_len=250, skip_tokens=128):
-        path = pathlib.Path(model_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no SentencePiece model at {path}: pass the PaliGemma tokenizer file "
-                "(gs://big_vision/paligemma_tokenizer.model, or vocabulary.spm of a "
-                "keras-hub PaliGemma preset)."
-            )
+        self._sentencepiece = SentencePieceModel(model_path)
         if not isinstance(fast_tokenizer, FASTTokenizer):
             fast_tokenizer = FASTTokenizer.load(fast_tokenizer)
         if int(max_len) < 1:
             raise ValueError(f"'max_len' must be at least 1, got {max_len}.")
         if int(skip_tokens) < 0:
             raise ValueError(f"'skip_tokens' must be non-negative, got {skip_tokens}.")
-        self.model_path = str(path)
+        self.model_path = self._sentencepiece.path
         self.fast_tokenizer = fast_tokenizer
         self.max_len = int(max_len)
         self.skip_tokens = int(skip_tokens)
-        self._load(path.read_bytes())
         self._check_action_range()
 
-    def _load(self, proto):
-        import sentencepiece
-
-        self._proto = proto
-        self._processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    @property
+    def _processor(self):
+        return self._sentencepiece.processor
 
     def _check_action_range(self):
         """The mapped action ids must stay inside the vocabulary, above the special ids."""
@@ -101,15 +92,6 @@ class FASTPromptTokenizer:
                 f"but must stay >= {floor} (above the special ids). Needs vocabulary_size >= "
                 f"{floor + num_actions + self.skip_tokens}."
             )
-
-    # Picklable (data loader workers): the SentencePiece model travels as its bytes.
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_processor"}
-
-    def __setstate__(self, state):
-        proto = state.pop("_proto")
-        self.__dict__.update(state)
-        self._load(proto)
 
     @property
     def vocabulary_size(self):

@@ -1,10 +1,9 @@
 """openpi's PaliGemma prompt tokenizer (SentencePiece), for π0 and π0.5 prompts."""
 
-import pathlib
-
 import numpy as np
 
 from keras_openpi.tokenizers.prompt_tokenizer import PromptTokenizer
+from keras_openpi.tokenizers.sentencepiece_model import SentencePieceModel
 
 
 class PaligemmaTokenizer(PromptTokenizer):
@@ -26,31 +25,13 @@ class PaligemmaTokenizer(PromptTokenizer):
     """
 
     def __init__(self, model_path, max_len=48):
-        path = pathlib.Path(model_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no SentencePiece model at {path}: pass the PaliGemma tokenizer file "
-                "(gs://big_vision/paligemma_tokenizer.model, or vocabulary.spm of a "
-                "keras-hub PaliGemma preset)."
-            )
+        self._sentencepiece = SentencePieceModel(model_path)
         super().__init__(max_len)
-        self.model_path = str(path)
-        self._load(path.read_bytes())
+        self.model_path = self._sentencepiece.path
 
-    def _load(self, proto):
-        import sentencepiece
-
-        self._proto = proto
-        self._processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
-
-    # Picklable (data loader workers): the model travels as its bytes.
-    def __getstate__(self):
-        return {"model_path": self.model_path, "max_len": self.max_len, "proto": self._proto}
-
-    def __setstate__(self, state):
-        self.model_path = state["model_path"]
-        self.max_len = state["max_len"]
-        self._load(state["proto"])
+    @property
+    def _processor(self):
+        return self._sentencepiece.processor
 
     @property
     def vocabulary_size(self):
