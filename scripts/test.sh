@@ -2,6 +2,7 @@
 # Sets up everything the tests need on a fresh machine, then runs them.
 #   .venv         keras_openpi with its test extra
 #   .venv-client  openpi's own client (openpi-client from PyPI pins numpy<2, so it lives apart)
+#   .venv-sim     the ALOHA simulator and openpi's client (examples/aloha_sim/setup.sh)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,7 @@ if [ ! -x .venv-client/bin/python ]; then
   # openpi-client 0.1.2 imports typing_extensions without declaring it.
   .venv-client/bin/pip install -q --disable-pip-version-check 'openpi-client==0.1.2' typing_extensions
 fi
+# The ALOHA simulator (gym-aloha, MuJoCo) in .venv-sim and headless rendering (Mesa EGL, from
+# Debian when missing) for tests/test_aloha_sim.py.
+PYTHON="$PYTHON" bash examples/aloha_sim/setup.sh
 exec .venv/bin/python -m pytest -q "$@"

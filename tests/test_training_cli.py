@@ -37,6 +37,8 @@ def sets(*items):
 def test_registry_mirrors_openpis_configs():
     assert list(CONFIGS) == [
         "pi0_aloha_sim",
+        "pi0_aloha_sim_lora",
+        "pi0_aloha_sim_small",
         "pi0_libero",
         "pi0_libero_lora",
         "pi05_libero",

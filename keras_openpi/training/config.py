@@ -219,6 +219,29 @@ _LIBERO = DataConfig(
     asset_id="physical-intelligence/libero",
 )
 
+_ALOHA_SIM = DataConfig(
+    source="lerobot",
+    robot="aloha",
+    default_prompt="Transfer cube",
+    asset_id="lerobot/aloha_sim_transfer_cube_human",
+)
+# A π0 small enough to learn ALOHA transfer-cube on a CPU: one camera (top) at 96x96 in
+# 8x8 patches (the cube is a few pixels wide), 14-dim state and actions, byte prompts.
+_ALOHA_SIM_SMALL_GEMMA = dict(
+    width=64, depth=3, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=16
+)
+ALOHA_SIM_SMALL_MODEL = dict(
+    paligemma_variant=_ALOHA_SIM_SMALL_GEMMA,
+    action_expert_variant=_ALOHA_SIM_SMALL_GEMMA,
+    vision_variant=dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=8),
+    vocabulary_size=259,
+    action_dim=14,
+    action_horizon=50,
+    max_token_len=16,
+    image_resolution=[96, 96],
+    image_keys=["base_0_rgb"],
+)
+
 _CONFIGS = [
     TrainConfig(
         name="pi0_aloha_sim",
@@ -226,13 +249,36 @@ _CONFIGS = [
         model=dict(_PI0),
         base_weights="openpi's pi0_base params",
         strategy={"name": "full", "remat": True},
-        data=DataConfig(
-            source="lerobot",
-            robot="aloha",
-            default_prompt="Transfer cube",
-            asset_id="lerobot/aloha_sim_transfer_cube_human",
-        ),
+        data=_ALOHA_SIM,
         num_train_steps=20_000,
+    ),
+    TrainConfig(
+        name="pi0_aloha_sim_lora",
+        description="π0 LoRA on simulated ALOHA cube transfer on one GPU (frozen weights in bf16)",
+        model=dict(_PI0),
+        base_weights="openpi's pi0_base params",
+        strategy=_LORA,
+        data=_ALOHA_SIM,
+        ema_decay=None,
+        num_train_steps=20_000,
+    ),
+    TrainConfig(
+        name="pi0_aloha_sim_small",
+        description="a small π0 from scratch on examples/aloha_sim's demonstrations, on a CPU",
+        model=ALOHA_SIM_SMALL_MODEL,
+        tokenizer="byte",
+        augment=False,
+        # examples/aloha_sim's scripted demonstrations (`--set data.path=DIR`).
+        data=dataclasses.replace(
+            _ALOHA_SIM, asset_id="aloha_sim_scripted", norm_stats_max_frames=4_000
+        ),
+        optimizer=OptimizerConfig(warmup_steps=100, peak_lr=1e-3, decay_steps=1_500, decay_lr=1e-4),
+        ema_decay=None,
+        seed=0,
+        batch_size=32,
+        num_train_steps=1_500,
+        save_interval=500,
+        keep_period=None,
     ),
     TrainConfig(
         name="pi0_libero",
