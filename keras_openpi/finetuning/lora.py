@@ -7,6 +7,8 @@ from keras import ops
 from keras_openpi.finetuning.freezing import set_trainable
 from keras_openpi.finetuning.groups import declared_groups
 from keras_openpi.finetuning.groups import is_adapter
+from keras_openpi.finetuning.lora_call import drop_low_rank_call
+from keras_openpi.finetuning.lora_call import use_low_rank_call
 from keras_openpi.finetuning.lora_io import drop_save_hooks
 from keras_openpi.finetuning.lora_io import keep_adapters_on_save
 from keras_openpi.finetuning.memory import frozen_heap
@@ -89,6 +91,7 @@ def add_adapters(model, lora_config):
             layer.trainable = True
             layer.enable_lora(spec["rank"], lora_alpha=spec["alpha"])
             keep_adapters_on_save(layer)
+            use_low_rank_call(layer)
         frozen = [
             v
             for layer in groups[target]["layers"]
@@ -140,3 +143,4 @@ def _merge(layer):
     layer.lora_rank = None
     layer.lora_alpha = None
     drop_save_hooks(layer)
+    drop_low_rank_call(layer)

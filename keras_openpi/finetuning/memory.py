@@ -6,6 +6,7 @@ import gc
 import keras
 from keras import ops
 
+from keras_openpi.backend.remat import rematerialized_call
 from keras_openpi.finetuning.groups import owning_layers
 
 QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
@@ -136,7 +137,11 @@ def set_remat(model, enabled=True):
     for layer in model.remat_layers():
         rematerialized = "call" in vars(layer)
         if enabled and not rematerialized:
-            layer.call = _rematerialized(layer.call)
+            layer.call = (
+                rematerialized_call(layer, layer.call)
+                if keras.backend.backend() == "jax"
+                else _rematerialized(layer.call)
+            )
         elif not enabled and rematerialized:
             del layer.call
 
@@ -145,7 +150,25 @@ def _rematerialized(call):
     def remat_call(*args, **kwargs):
         # A new function at every call: JAX caches a checkpointed trace per
         # function, and `call` reads the layer's weights by closure (traced
-        # values that differ from one trace or step to the next).
-        return keras.remat(lambda *a, **k: call(*a, **k))(*args, **kwargs)
+        # values that differ from one trace or step to the next). The float
+        # tensors among the arguments go in as positional inputs, the rest
+        # (None, ints, masks) by closure: TensorFlow's graph-mode
+        # `custom_gradient` takes no keywords, no None and no bool inputs.
+        structure = (args, kwargs)
+        leaves = keras.tree.flatten(structure)
+        where = [i for i, leaf in enumerate(leaves) if _is_float_tensor(leaf)]
+
+        def on_tensors(*tensors):
+            rebuilt = list(leaves)
+            for i, tensor in zip(where, tensors):
+                rebuilt[i] = tensor
+            call_args, call_kwargs = keras.tree.pack_sequence_as(structure, rebuilt)
+            return call(*call_args, **call_kwargs)
+
+        return keras.remat(on_tensors)(*(leaves[i] for i in where))
 
     return remat_call
+
+
+def _is_float_tensor(x):
+    return ops.is_tensor(x) and keras.backend.is_float_dtype(x.dtype)
