@@ -119,4 +119,4 @@ def fixed_velocity(model, seed=2):
     time = np.array([0.3, 0.8], "float32")
     noise = np.random.default_rng(seed).normal(size=actions.shape).astype("float32")
     x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * actions
-    return np.asarray(model.predict_velocity(obs, x_t, time))
+    return keras.ops.convert_to_numpy(model.predict_velocity(obs, x_t, time))

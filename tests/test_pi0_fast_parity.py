@@ -72,7 +72,7 @@ def test_config_is_inferred_from_the_checkpoint(fixture, model):
 def test_token_loss(fixture, model):
     loss = model.token_loss(training_observation(fixture, model.image_keys))
     assert loss.shape == (2,)
-    np.testing.assert_allclose(np.asarray(loss), fixture["output/loss"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss), fixture["output/loss"], atol=ATOL, rtol=0)
 
 
 def test_greedy_decode_tokens_and_logits(fixture, model):
@@ -89,10 +89,10 @@ def test_greedy_decode_tokens_and_logits(fixture, model):
     )
     assert tokens.shape == (2, 12) and logits.shape == (2, 12, 1024)
     np.testing.assert_array_equal(
-        np.asarray(tokens), fixture["output/greedy_tokens"].astype(np.int32)
+        keras.ops.convert_to_numpy(tokens), fixture["output/greedy_tokens"].astype(np.int32)
     )
     np.testing.assert_allclose(
-        np.asarray(logits), fixture["output/decode_logits"], atol=ATOL, rtol=0
+        keras.ops.convert_to_numpy(logits), fixture["output/decode_logits"], atol=ATOL, rtol=0
     )
 
 
@@ -120,10 +120,10 @@ def test_cli_converts_pi0_fast(tmp_path, fixture):
     assert type(model) is Pi0Fast
     assert (model.action_dim, model.action_horizon, model.max_token_len) == (6, 5, 24)
     loss = model.token_loss(training_observation(fixture, model.image_keys))
-    np.testing.assert_allclose(np.asarray(loss), fixture["output/loss"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss), fixture["output/loss"], atol=ATOL, rtol=0)
     tokens = model.generate(decode_observation(fixture, model.image_keys), max_decoding_steps=12)
     np.testing.assert_array_equal(
-        np.asarray(tokens), fixture["output/greedy_tokens"].astype(np.int32)
+        keras.ops.convert_to_numpy(tokens), fixture["output/greedy_tokens"].astype(np.int32)
     )
 
 

@@ -1,5 +1,6 @@
 """π0 / π0.5 against openpi's own JAX outputs (../shared/fixtures/openpi), float32, 1e-4."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_image_encoder(case):
     fixture, model, observation = case
     obs = model.prepare_observation(observation)
     for key, image in zip(model.image_keys, obs["images"]):
-        encoded = np.asarray(model.vision_encoder.encode(image))
+        encoded = keras.ops.convert_to_numpy(model.vision_encoder.encode(image))
         np.testing.assert_allclose(
             encoded, fixture[f"output/image_encoded/{key}"], atol=ATOL, rtol=0
         )
@@ -37,10 +38,10 @@ def test_prefix_tokens(case):
     tokens, mask, _ = model.embed_prefix(model.prepare_observation(observation))
     assert tokens.shape == (2, 3 * 196 + 16, 64)
     np.testing.assert_allclose(
-        np.asarray(tokens), fixture["output/prefix_tokens"], atol=ATOL, rtol=0
+        keras.ops.convert_to_numpy(tokens), fixture["output/prefix_tokens"], atol=ATOL, rtol=0
     )
     # The masked camera's 196 tokens are masked, the rest follow the inputs.
-    assert int(np.asarray(mask).sum()) == int(
+    assert int(keras.ops.convert_to_numpy(mask).sum()) == int(
         196 * sum(fixture[f"input/masks/{k}"].sum() for k in model.image_keys)
         + fixture["input/tmask"].sum()
     )
@@ -55,7 +56,7 @@ def test_velocity(case):
         model.prepare_observation(observation), x_t, fixture["input/time"]
     )
     np.testing.assert_allclose(
-        np.asarray(velocity), fixture["output/v_t"], atol=ATOL, rtol=0
+        keras.ops.convert_to_numpy(velocity), fixture["output/v_t"], atol=ATOL, rtol=0
     )
 
 
@@ -68,7 +69,7 @@ def test_flow_matching_loss(case):
         time=fixture["input/time"],
     )
     assert loss.shape == (2, fixture.meta["action_horizon"])
-    np.testing.assert_allclose(np.asarray(loss), fixture["output/loss"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loss), fixture["output/loss"], atol=ATOL, rtol=0)
 
 
 def test_sample_actions(case):
@@ -78,7 +79,7 @@ def test_sample_actions(case):
     )
     assert sampled.shape == fixture["output/sampled"].shape
     np.testing.assert_allclose(
-        np.asarray(sampled), fixture["output/sampled"], atol=ATOL, rtol=0
+        keras.ops.convert_to_numpy(sampled), fixture["output/sampled"], atol=ATOL, rtol=0
     )
 
 
@@ -91,6 +92,6 @@ def test_bfloat16_sampling_stays_close(openpi_fixture, dtype):
     sampled = model.sample_actions(
         fixture.observation(model.image_keys), noise=fixture["input/noise"], num_steps=10
     )
-    error = np.abs(np.asarray(sampled, "float32") - fixture["output/sampled"]).max()
+    error = np.abs(keras.ops.convert_to_numpy(sampled).astype("float32") - fixture["output/sampled"]).max()
     assert error < 5e-2
     assert error > 1e-6  # it really ran in bfloat16

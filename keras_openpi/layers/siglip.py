@@ -175,7 +175,7 @@ class SigLIPEncoder(keras.layers.Layer):
         """(B, h, w, 3) -> (B, P, width): the tokens before the `head` projection."""
         x = self.patch_embedding(ops.cast(images, "float32"))
         x = ops.reshape(x, (-1, self.num_patches, self.width))
-        x = ops.cast(x + self.position_embedding, self.compute_dtype)
+        x = ops.cast(ops.add(x, self.position_embedding), self.compute_dtype)
         for block in self.blocks:
             x = block(x)
         return self.encoder_norm(x)

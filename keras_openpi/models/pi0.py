@@ -291,7 +291,7 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
             images = augment_images(dict(zip(self.image_keys, obs["images"])), self.seed_generator)
             obs = {**obs, "images": [images[k] for k in self.image_keys]}
         actions = self._check_actions(actions)
-        batch = actions.shape[0]
+        batch = ops.shape(actions)[0]
         if noise is None:
             noise = keras.random.normal(
                 ops.shape(actions), seed=self.seed_generator, dtype="float32"
@@ -414,7 +414,7 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         """
         if training:
             obs = self.prepare_observation(observation)
-            batch = obs["state"].shape[0]
+            batch = ops.shape(obs["state"])[0]
             return ops.zeros((batch, self.action_horizon, self.action_dim))
         return self.sample_actions(observation)
 

@@ -277,7 +277,7 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         """
         if training:
             obs = self.prepare_observation(observation, training=True)
-            return ops.zeros((obs["tokens"].shape[0],))
+            return ops.zeros((ops.shape(obs["tokens"])[0],))
         return self.generate(observation)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

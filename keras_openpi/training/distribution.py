@@ -104,13 +104,28 @@ def check_batch_size(batch_size, num_devices, fsdp_devices=1):
         )
 
 
+def training_devices():
+    """The devices training spreads over: all of JAX's, or the one device of another backend.
+
+    Keras' distribution API (device meshes and layouts) exists on JAX only; on
+    PyTorch and TensorFlow, `fit` trains on one device.
+
+    Example:
+    >>> len(training_devices()) >= 1
+    True
+    """
+    if keras.backend.backend() != "jax":
+        return [f"{keras.backend.backend()}:0"]
+    return keras.distribution.list_devices()
+
+
 def make_distribution(variables=None, fsdp_devices=1, devices=None, min_bytes=None):
     """The distribution for `fsdp_devices` (see the module docstring), or None on one device.
 
     Args:
         variables: the model's variables, to lay out (needed when `fsdp_devices > 1`).
         fsdp_devices: devices each large weight is sharded over.
-        devices: the devices (default `keras.distribution.list_devices()`).
+        devices: the devices (default `training_devices()`).
         min_bytes: weights smaller than this stay replicated (default `MIN_SHARD_BYTES`, 4 MiB).
 
     Example:
@@ -120,7 +135,13 @@ def make_distribution(variables=None, fsdp_devices=1, devices=None, min_bytes=No
     >>> with distribution.scope():  # doctest: +SKIP
     ...     model = Pi0(**config)
     """
-    devices = list(devices or keras.distribution.list_devices())
+    devices = list(devices or training_devices())
+    if fsdp_devices > 1 and keras.backend.backend() != "jax":
+        raise ValueError(
+            f"fsdp_devices={fsdp_devices} needs keras.distribution, which the "
+            f"{keras.backend.backend()!r} backend does not have: train with KERAS_BACKEND=jax, "
+            "or set fsdp_devices=1."
+        )
     count = len(devices)
     if fsdp_devices < 1 or count % fsdp_devices:
         raise ValueError(f"fsdp_devices={fsdp_devices} must divide the {count} devices.")

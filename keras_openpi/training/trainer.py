@@ -29,6 +29,7 @@ from keras_openpi.training.checkpoints import MODEL_FILE
 from keras_openpi.training.checkpoints import CheckpointManager
 from keras_openpi.training.distribution import check_batch_size
 from keras_openpi.training.distribution import make_distribution
+from keras_openpi.training.distribution import training_devices
 from keras_openpi.training.optimizer import make_optimizer
 
 CONFIG_FILE = "train_config.json"
@@ -135,7 +136,7 @@ class Trainer:
     def prepare(self):
         """Checks everything that can be checked before building the model, and sets up the data."""
         config = self.config
-        num_devices = len(keras.distribution.list_devices())
+        num_devices = len(training_devices())
         check_batch_size(config.batch_size, num_devices, config.fsdp_devices)
         self._check_checkpoint_dir()
         self.settings = model_settings(config)
@@ -282,7 +283,11 @@ class Trainer:
         self.distribution = self._distribution()
         with self._scope():
             self.model = self._new_model()
-            self.model.compile(optimizer=make_optimizer(config), jit_compile=True)
+            # XLA on JAX. TensorFlow trains as a graph (its XLA has no kernel for the
+            # Beta draw of the flow-matching times), PyTorch eagerly (torch.compile
+            # retraces Keras layers without end).
+            jit_compile = keras.backend.backend() == "jax"
+            self.model.compile(optimizer=make_optimizer(config), jit_compile=jit_compile)
             if self.resume_state is not None:
                 self.model.optimizer.build(self.model.trainable_variables)
                 self.manager.restore(self.model, self.start_step)
