@@ -14,14 +14,16 @@ zero-filled arguments and records the allocator's peak.
 
 Configurations (`setting`): `levers` is the default of each strategy: frozen
 weights in bfloat16, LoRA computed on the activations (no merged kernel),
-decoder and SigLIP blocks rematerialized (`remat=True`), state donated.
-`--ablation` adds, for π0 `lora` and `full`, the cumulative steps from Keras'
-defaults (frozen float32, merged LoRA kernel, no remat) to the levers, and the
-levers with bfloat16 compute (`dtype="mixed_bfloat16"`, as openpi computes). The
-`qlora-int8` strategy is `lora` on int8 frozen bases (int8 weights, float
-activations). Sampling is measured with bfloat16 weights (`dtype="bfloat16"`,
-openpi's) and with int8 weights (the VLM, action expert and SigLIP linear maps
-and the token embedding in int8, weight-only).
+decoder and SigLIP blocks rematerialized (`remat=True`) with their forward
+pass sequenced, feed-forwards in rematerialized chunks of at most 4096 rows,
+state donated. `--ablation` adds, for π0 `lora` and `full`, the cumulative
+steps from Keras' defaults (frozen float32, merged LoRA kernel, no remat) to
+the levers, and the levers with bfloat16 compute (`dtype="mixed_bfloat16"`, as
+openpi computes), and for sampling at batch 1 the program without layer
+sequencing. The `qlora-int8` strategy is `lora` on int8 frozen bases (int8
+weights, float activations). Sampling is measured with bfloat16 weights
+(`dtype="bfloat16"`, openpi's) and with int8 weights (the VLM, action expert
+and SigLIP linear maps and the token embedding in int8, weight-only).
 
 Usage:
     python benchmarks/memory.py [--models pi0 pi05] [--strategies ...] [--batches 1 8 32]
@@ -50,6 +52,7 @@ from keras_openpi.finetuning import shapes_only  # noqa: E402
 from keras_openpi.finetuning.lora import adapted_layers  # noqa: E402
 from keras_openpi.finetuning.lora_call import drop_low_rank_call  # noqa: E402
 from keras_openpi.finetuning.memory import quantize_layers  # noqa: E402
+from keras_openpi.finetuning.memory import set_remat  # noqa: E402
 from keras_openpi.models import Pi0  # noqa: E402
 
 GIB = 2**30
@@ -64,24 +67,38 @@ STRATEGIES = (
     "frozen_vision",
     "qlora-int8",
 )
-LEVERS = dict(frozen_dtype="bfloat16", low_rank_lora=True, remat=True, dtype=None)
+LEVERS = dict(
+    frozen_dtype="bfloat16",
+    low_rank_lora=True,
+    remat=True,
+    feed_forward_chunks=True,
+    sequencing=True,
+    dtype=None,
+)
+NO_LEVERS = dict(
+    LEVERS, frozen_dtype=None, low_rank_lora=False, remat=False, feed_forward_chunks=False, sequencing=False
+)
+BLOCK_REMAT = dict(LEVERS, feed_forward_chunks=False, sequencing=False)
 # `--ablation`, per strategy: the cumulative steps from Keras' defaults to the
 # levers, and the levers with bfloat16 compute (openpi's `dtype="bfloat16"`).
 ABLATION = {
     "lora": [
-        ("keras defaults", dict(LEVERS, frozen_dtype=None, low_rank_lora=False, remat=False)),
-        ("+ bf16 frozen", dict(LEVERS, low_rank_lora=False, remat=False)),
-        ("+ low-rank LoRA call", dict(LEVERS, remat=False)),
+        ("keras defaults", NO_LEVERS),
+        ("+ bf16 frozen", dict(NO_LEVERS, frozen_dtype="bfloat16")),
+        ("+ low-rank LoRA call", dict(NO_LEVERS, frozen_dtype="bfloat16", low_rank_lora=True)),
+        ("+ block remat", BLOCK_REMAT),
         ("levers, merged LoRA kernel", dict(LEVERS, low_rank_lora=False)),
         ("levers + bf16 compute", dict(LEVERS, dtype="mixed_bfloat16")),
         ("levers + bf16 compute, merged LoRA kernel", dict(LEVERS, dtype="mixed_bfloat16", low_rank_lora=False)),
     ],
     "full": [
-        ("keras defaults", dict(LEVERS, remat=False)),
+        ("keras defaults", NO_LEVERS),
+        ("+ block remat", BLOCK_REMAT),
         ("levers + bf16 compute", dict(LEVERS, dtype="mixed_bfloat16")),
     ],
 }
 SAMPLE_WEIGHTS = ("bfloat16", "int8")
+UNSEQUENCED = "{}, layers not sequenced"
 NUM_STEPS = 10
 # openpi's own programs for the same full-size π0, compiled the same way on
 # CPU XLA with jax 0.5.3 (issue 7): (program, strategy, batch) -> bytes.
@@ -112,16 +129,20 @@ def build_train_model(model_name, strategy, levers):
     if not levers["low_rank_lora"]:
         for layer in adapted_layers(model):
             drop_low_rank_call(layer)
+    if levers["remat"] and not levers["feed_forward_chunks"]:
+        set_remat(model, True, feed_forward_rows=None)
+    model.enable_sequencing(levers["sequencing"])
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=2.5e-5))
     return model
 
 
-def build_sample_model(model_name, weights):
+def build_sample_model(model_name, weights, sequencing=True):
     """A full-size model (no weights allocated) in bfloat16, with int8 linear maps for `weights="int8"`."""
     with shapes_only():
         model = Pi0(**MODELS[model_name], dtype="bfloat16")
         if weights == "int8":
             quantize_layers(model, [model.vision_encoder, model.gemma], "int8_weight_only")
+    model.enable_sequencing(sequencing)
     return model
 
 
@@ -132,7 +153,7 @@ def measure(model_name, program, strategy, batch, setting, levers, weights=None)
         model = build_train_model(model_name, strategy, levers)
         analysis = xla_memory.train_step_memory(model, batch)
     else:
-        model = build_sample_model(model_name, weights)
+        model = build_sample_model(model_name, weights, sequencing=setting == weights)
         analysis = xla_memory.sample_memory(model, batch, NUM_STEPS)
     record = {
         "model": model_name,
@@ -158,6 +179,8 @@ def configurations(args):
             for weights in args.weights:
                 for batch in args.batches:
                     yield model_name, "sample", "inference", batch, weights, None, weights
+                    if args.ablation and model_name == "pi0" and batch == 1:
+                        yield model_name, "sample", "inference", batch, UNSEQUENCED.format(weights), None, weights
         if "train" not in args.programs:
             continue
         for strategy in args.strategies:
@@ -249,8 +272,11 @@ def markdown_table(results):
         "(inputs the step never reads are not arguments: π0.5's continuous state, 4 KiB at batch 32); "
         f"sample arguments minus (weights + batch): down to -{max(sample, default=0) / 2**20:.1f} MiB "
         "(weights the sampler never reads, such as the VLM's last output layers, are not arguments). "
-        "`levers`: frozen weights bf16, LoRA on the activations, decoder and SigLIP blocks rematerialized; "
-        "AdamW, no EMA; sampling: 10 Euler steps.",
+        "`levers`: frozen weights bf16, LoRA on the activations, decoder and SigLIP blocks rematerialized "
+        "with their forward pass sequenced, feed-forwards in rematerialized chunks of <= 4096 rows; "
+        "`+ block remat`: the blocks rematerialized, nothing else. AdamW, no EMA. Sampling: 10 Euler "
+        "steps, bf16 or int8 weights, decoder and SigLIP blocks sequenced (`not sequenced`: XLA's CPU "
+        "scheduler converts every weight to a float32 temporary up front).",
     ]
     return "\n".join(lines) + "\n"
 

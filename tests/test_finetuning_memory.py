@@ -12,6 +12,9 @@ from finetuning_helpers import tiny_pi0
 from finetuning_helpers import training_batch
 from keras import ops
 
+from keras_openpi.backend.remat import row_chunked_call
+from keras_openpi.finetuning.memory import set_remat
+
 RANK = {"vlm": 4, "action_expert": 2}
 
 
@@ -45,7 +48,8 @@ def test_frozen_bfloat16_with_remat_trains_compiled(tmp_path):
 
     reloaded = check_keras_round_trip(model, tmp_path / "bf16.keras")
     assert reloaded.finetuning_state.frozen_dtype == "bfloat16"
-    assert reloaded.finetuning_state.remat and "call" in vars(reloaded.gemma.decoder_blocks[0])
+    assert reloaded.finetuning_state.remat
+    assert "remat" in reloaded.gemma.decoder_blocks[0]._call_levers
 
 
 def test_remat_leaves_gradients_unchanged():
@@ -63,22 +67,52 @@ def test_remat_leaves_gradients_unchanged():
         with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
             return ops.mean(model.flow_matching_loss(observation, actions, noise=noise, time=time))
 
-    def remat_calls(values):
-        # Each rematerialized call is recomputed in the backward pass inside one `cond`.
-        jaxpr = jax.make_jaxpr(jax.grad(loss))(values).jaxpr
-        return sum(str(e.primitive) == "cond" for e in jaxpr.eqns)
+    def count(values, primitive):
+        # Conditionals and scans of the gradient program, nested ones included.
+        return str(jax.make_jaxpr(jax.grad(loss))(values)).count(f" {primitive}[")
 
     values = [v.value for v in variables]
     plain = jax.grad(loss)(values)
-    model.enable_remat()
-    # One checkpoint per call of a decoder block (2) and of the SigLIP block (once per camera, 2).
-    assert remat_calls(values) == 4
-    rematerialized = jax.grad(loss)(values)
-    for v, a, b in zip(variables, plain, rematerialized, strict=True):
-        # float32 recomputation reorders sums: up to ~1e-5 on gradients of size ~0.2.
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4, err_msg=v.path)
+    assert count(values, "cond") == count(values, "scan") == 0
+    # (sequenced forward, feed-forward rows) -> (conditionals, scans): one recomputation
+    # per call of a decoder block (2) and of the SigLIP block (once per camera, 2);
+    # with the forward sequenced, one more each. 8 rows: the prefix's 2 x 10 tokens in
+    # 3 chunks, the suffix's 2 x 4 in one; scanned in the forward (1 + 1 recomputed) and
+    # the backward pass, in each of the 2 blocks.
+    expected = {(False, None): (4, 0), (True, None): (8, 0), (True, 8): (8, 6)}
+    for (sequenced, rows), (conds, scans) in expected.items():
+        model.enable_sequencing(sequenced)
+        set_remat(model, True, feed_forward_rows=rows)
+        assert (count(values, "cond"), count(values, "scan")) == (conds, scans), (sequenced, rows)
+        rematerialized = jax.grad(loss)(values)
+        for v, a, b in zip(variables, plain, rematerialized, strict=True):
+            # float32 recomputation reorders sums: up to ~1e-5 on gradients of size ~0.2.
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4, err_msg=v.path)
     model.enable_remat(False)
-    assert remat_calls(values) == 0
+    model.enable_sequencing(False)
+    assert count(values, "cond") == count(values, "scan") == 0
+
+
+def test_row_chunked_call_matches_the_layer_on_ragged_chunks():
+    layer = keras.layers.Dense(3)
+    layer.build((None, None, 4))
+    x = np.random.default_rng(0).normal(size=(2, 7, 4)).astype("float32")
+    chunked = row_chunked_call(layer, layer.call, max_rows=5)  # 14 rows: 3 chunks of 3 tokens, 2 padded
+    np.testing.assert_allclose(chunked(x), layer.call(x), atol=1e-6)
+    grad = jax.grad(lambda v: ops.sum(chunked(v) ** 2))(x)
+    np.testing.assert_allclose(grad, jax.grad(lambda v: ops.sum(layer.call(v) ** 2))(x), atol=1e-5)
+
+
+def test_sequenced_sampling_gives_the_same_actions():
+    model = tiny_pi0()
+    observation, _ = training_batch(model, size=2)
+    noise = np.random.default_rng(5).normal(size=(2, model.action_horizon, model.action_dim))
+    model.enable_sequencing(False)
+    plain = model.sample_actions(observation, noise=noise, num_steps=3)
+    model.enable_sequencing(True)
+    assert all(v._call_levers == {"sequenced"} for v in model.remat_layers())
+    sequenced = model.sample_actions(observation, noise=noise, num_steps=3)
+    np.testing.assert_allclose(np.asarray(sequenced), np.asarray(plain), atol=1e-6)
 
 
 def test_qlora_trains_only_adapters_and_float_layers(tmp_path):

@@ -4,6 +4,8 @@ import contextlib
 
 import keras
 
+from keras_openpi.backend.sequencing import inference_program
+
 
 class CompiledProgram:
     """Runs `fn(*args, **static)` of a model as a single compiled inference program.
@@ -41,6 +43,10 @@ class CompiledProgram:
     def __init__(self, model, fn):
         self.model = model
         self.fn = fn
+        self.reset()
+
+    def reset(self):
+        """Forgets every compiled program (after a change to how the model's layers compute)."""
         self._jitted = None
         self._program = None
         self._program_key = None
@@ -51,12 +57,12 @@ class CompiledProgram:
 
     def _stateless(self, static, values, args):
         mapping = list(zip(self.model.variables, values))
-        with keras.StatelessScope(state_mapping=mapping):
+        with keras.StatelessScope(state_mapping=mapping), inference_program():
             return self.fn(*args, **dict(static))
 
     def __call__(self, *args, **static):
         if self.model.run_eagerly:
-            with _no_grad():
+            with _no_grad(), inference_program():
                 return self.fn(*args, **static)
         if self._jitted is not None:
             values = [v.value for v in self.model.variables]

@@ -2,8 +2,11 @@
 
 import keras
 
+from keras_openpi.backend.sequencing import sequenced_call
+from keras_openpi.backend.stateless import call_on_arrays
 
-def rematerialized_call(layer, call):
+
+def rematerialized_call(layer, call, sequenced=False):
     """`call` (a layer's `call`) with its inner activations recomputed in the backward pass.
 
     On JAX, `jax.checkpoint` (Keras' `keras.remat`) marks the recomputation
@@ -24,6 +27,8 @@ def rematerialized_call(layer, call):
     Args:
         layer: the layer whose variables `call` reads.
         call: the function to rematerialize, usually the layer's bound `call`.
+        sequenced: run the forward pass (not the recomputation, which is
+            sequenced by its gradient already) with `sequenced_call`.
 
     Returns:
         A function with `call`'s signature.
@@ -38,61 +43,35 @@ def rematerialized_call(layer, call):
         )
 
     def remat_call(*args, **kwargs):
-        return _checkpointed_call(layer, call, args, kwargs)
+        forward, inputs, _ = call_on_arrays(layer, call, args, kwargs)
+        primal = None
+        if sequenced:
+            primal, _, _ = call_on_arrays(layer, sequenced_call(layer, call, always=True), args, kwargs)
+        return _checkpoint(forward, primal)(*inputs)
 
     return remat_call
 
 
-def _is_array(leaf):
-    import jax
-    import numpy as np
+def _checkpoint(forward, primal=None):
+    """`forward(*arrays)` under a custom VJP that recomputes it inside a gradient-dependent conditional.
 
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
-
-
-def _current_value(variable):
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-    scope = get_stateless_scope()
-    value = scope.get_current_value(variable) if scope is not None else None
-    return variable.value if value is None else value
-
-
-def _checkpointed_call(layer, call, args, kwargs):
-    import jax
-
-    variables = layer.variables
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
-    inputs = [_current_value(v) for v in variables] + [leaves[i] for i in dynamic]
-
-    def forward(*values):
-        weights, arrays = values[: len(variables)], values[len(variables) :]
-        full = list(leaves)
-        for i, array in zip(dynamic, arrays):
-            full[i] = array
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
-        with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
-            return call(*call_args, **call_kwargs)
-
-    return _checkpoint(forward)(*inputs)
-
-
-def _checkpoint(forward):
-    """`forward(*arrays)` under a custom VJP that recomputes it inside a gradient-dependent conditional."""
+    `primal` (same function, e.g. sequenced) computes the forward pass when given.
+    """
     import jax
     from jax import numpy as jnp
 
     perturbed = []
 
+    primal = primal or forward
+
     @jax.custom_vjp
     def run(*values):
-        return forward(*values)
+        return primal(*values)
 
     def run_forward(*primals):
         perturbed[:] = [p.perturbed for p in primals]
         values = [p.value for p in primals]
-        return forward(*values), values
+        return primal(*values), values
 
     def run_backward(values, cotangents):
         flat, out_tree = jax.tree_util.tree_flatten(
@@ -136,3 +115,47 @@ def _checkpoint(forward):
 
     run.defvjp(run_forward, run_backward, symbolic_zeros=True)
     return run
+
+
+def row_chunked_call(layer, call, max_rows):
+    """`call` (a row-wise layer's `call`, e.g. a feed-forward) over chunks of at most `max_rows` rows.
+
+    The first argument `x` of shape `(batch, tokens, ...)` is cut along the
+    token axis into the fewest equal chunks of at most `max_rows`
+    `batch * tokens` rows (the last padded), which a `lax.scan` computes one
+    after another, each rematerialized (`jax.checkpoint`: the backward scan
+    recomputes one chunk at a time, so XLA can neither merge the two nor run
+    chunks side by side). Inside a rematerialized decoder block this bounds
+    what the backward pass of its feed-forward holds at once: a full-size π0
+    at batch 32 has 26112 prefix rows, 16384 float32 wide in Gemma's MLP
+    (1.6 GiB per tensor, about ten of them alive). Outputs and gradients are
+    those of `call` (rows never mix); the feed-forward's forward pass runs
+    once more. JAX only.
+
+    Args:
+        layer: the layer whose variables `call` reads.
+        call: its call; row `i` of its output depends on row `i` of `x` only.
+        max_rows: the most rows one chunk holds.
+    """
+    if keras.backend.backend() != "jax":
+        raise ValueError(f"row_chunked_call is for the JAX backend; this is {keras.backend.backend()!r}.")
+
+    def chunked_call(x, *args, **kwargs):
+        import jax
+        from jax import numpy as jnp
+
+        batch, tokens = x.shape[0], x.shape[1]
+        chunks = min(tokens, -(-batch * tokens // max_rows))
+        if chunks <= 1:
+            return call(x, *args, **kwargs)
+        size = -(-tokens // chunks)
+        forward, inputs, arrays = call_on_arrays(layer, call, (x, *args), kwargs)
+        weights, others = inputs[: len(inputs) - len(arrays)], arrays[1:]
+        padded = jnp.pad(x, [(0, 0), (0, size * chunks - tokens)] + [(0, 0)] * (x.ndim - 2))
+        xs = jnp.moveaxis(padded.reshape(batch, chunks, size, *x.shape[2:]), 1, 0)
+        chunk = jax.checkpoint(lambda w, o, piece: forward(*w, piece, *o))
+        _, ys = jax.lax.scan(lambda carry, piece: (carry, chunk(weights, others, piece)), None, xs)
+        ys = jnp.moveaxis(ys, 0, 1)
+        return ys.reshape(batch, chunks * size, *ys.shape[3:])[:, :tokens]
+
+    return chunked_call

@@ -7,6 +7,8 @@ import keras
 from keras import ops
 
 from keras_openpi.backend.remat import rematerialized_call
+from keras_openpi.backend.remat import row_chunked_call
+from keras_openpi.backend.sequencing import sequenced_call
 from keras_openpi.finetuning.groups import owning_layers
 
 QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
@@ -105,9 +107,39 @@ def quantize_layers(model, layers, quantize="int8"):
 
 
 def quantize_fast(model, mode, config, filters):
-    """`model.quantize`, without its cost of one full garbage collection per layer."""
-    with frozen_heap():
+    """`model.quantize`, without its cost of one full garbage collection per layer.
+
+    Inside `shapes_only()` (weights never allocated) the int8 values are not
+    computed either: only their shapes and dtypes exist, as for every weight.
+    """
+    with frozen_heap(), _shapes_only_quantization():
         model.quantize(mode, config=config, filters=filters)
+
+
+@contextlib.contextmanager
+def _shapes_only_quantization():
+    """In `shapes_only()`, Keras' abs-max quantizer returns zeros of the right shapes, uncomputed."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+    from keras.src.quantizers import quantizers
+
+    scope = get_stateless_scope()
+    if scope is None or scope.initialize_variables:
+        yield
+        return
+    computed = quantizers.abs_max_quantize
+
+    def shapes_only_abs_max_quantize(inputs, axis, value_range=(-127, 127), dtype="int8", *_, **__):
+        shape = tuple(inputs.shape)
+        axes = [a % len(shape) for a in (axis if isinstance(axis, (list, tuple)) else [axis])]
+        scale_shape = tuple(1 if i in axes else n for i, n in enumerate(shape))
+        scale_dtype = keras.backend.standardize_dtype(inputs.dtype)
+        return ops.zeros(shape, dtype), ops.ones(scale_shape, scale_dtype)
+
+    quantizers.abs_max_quantize = shapes_only_abs_max_quantize
+    try:
+        yield
+    finally:
+        quantizers.abs_max_quantize = computed
 
 
 @contextlib.contextmanager
@@ -125,25 +157,74 @@ def frozen_heap():
         gc.unfreeze()
 
 
-def set_remat(model, enabled=True):
+# Rows (batch x tokens) of one feed-forward chunk under remat (`row_chunked_call`):
+# 4096 x 16384 float32 is 256 MiB per Gemma 2B MLP tensor.
+FEED_FORWARD_CHUNK_ROWS = 4096
+
+
+def set_remat(model, enabled=True, feed_forward_rows=FEED_FORWARD_CHUNK_ROWS):
     """Rematerializes (`keras.remat`) each of `model.remat_layers()` in training.
 
     The activations inside a rematerialized layer are recomputed in the
     backward pass instead of being kept: memory per layer drops to its inputs,
-    for about one more forward pass of compute. Outputs and gradients are unchanged.
+    for about one more forward pass of compute. On JAX the model's
+    `row_chunked_layers()` (feed-forwards) are also computed in chunks of at
+    most `feed_forward_rows` rows, each rematerialized on its own
+    (`backend.remat.row_chunked_call`; None: in one piece). Outputs and
+    gradients are unchanged.
     """
-    if not hasattr(model, "remat_layers"):
-        raise ValueError(f"{type(model).__name__} declares no `remat_layers()`.")
-    for layer in model.remat_layers():
-        rematerialized = "call" in vars(layer)
-        if enabled and not rematerialized:
-            layer.call = (
-                rematerialized_call(layer, layer.call)
-                if keras.backend.backend() == "jax"
-                else _rematerialized(layer.call)
-            )
-        elif not enabled and rematerialized:
-            del layer.call
+    _set_call_lever(model, "remat", enabled)
+    if keras.backend.backend() == "jax" and hasattr(model, "row_chunked_layers"):
+        layers = model.row_chunked_layers()
+        for layer in layers:
+            object.__setattr__(layer, "_chunk_rows", feed_forward_rows)
+        chunked = enabled and feed_forward_rows is not None
+        _set_call_lever(model, "row_chunked", chunked, layers)
+
+
+def set_sequencing(model, enabled=True):
+    """Runs each of `model.remat_layers()` only once its input exists (JAX; see `backend.sequencing`).
+
+    On CPU, XLA would otherwise convert every bfloat16 / int8 weight to a
+    float32 temporary at the start of the program. Outputs are unchanged.
+    """
+    if enabled and keras.backend.backend() != "jax":
+        raise ValueError(
+            f"Layer sequencing is for the JAX backend; this is {keras.backend.backend()!r}."
+        )
+    _set_call_lever(model, "sequenced", enabled)
+
+
+def _set_call_lever(model, lever, enabled, layers=None):
+    if layers is None:
+        if not hasattr(model, "remat_layers"):
+            raise ValueError(f"{type(model).__name__} declares no `remat_layers()`.")
+        layers = model.remat_layers()
+    for layer in layers:
+        levers = set(vars(layer).get("_call_levers", ()))
+        levers = levers | {lever} if enabled else levers - {lever}
+        object.__setattr__(layer, "_call_levers", frozenset(levers))
+        _install_call(layer, levers)
+
+
+def _install_call(layer, levers):
+    """Sets `layer.call` to its class's call wrapped by the levers (`remat`, `sequenced`, `row_chunked`)."""
+    if "call" in vars(layer):
+        del layer.call
+    call = layer.call
+    sequenced = "sequenced" in levers
+    if "remat" in levers and keras.backend.backend() == "jax":
+        # Sequenced forward only: a conditional inside the differentiated
+        # recomputation would make XLA keep every residual it could fuse away.
+        call = rematerialized_call(layer, call, sequenced=sequenced)
+    elif "remat" in levers:
+        call = _rematerialized(call)
+    elif sequenced:
+        call = sequenced_call(layer, call)
+    if "row_chunked" in levers:
+        call = row_chunked_call(layer, call, vars(layer)["_chunk_rows"])
+    if levers:
+        layer.call = call
 
 
 def _rematerialized(call):

@@ -2,6 +2,7 @@
 
 import json
 
+from keras_openpi.backend.compiled import CompiledProgram
 from keras_openpi.finetuning import freezing
 from keras_openpi.finetuning import lora
 from keras_openpi.finetuning import lora_io
@@ -167,6 +168,19 @@ class FinetuningMixin:
         """
         with memory.frozen_heap():
             return super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def enable_sequencing(self, enabled=True):
+        """Runs `remat_layers()` strictly one after another on JAX (see `backend.sequencing`).
+
+        On by default where JAX's default device is a CPU: XLA's CPU scheduler
+        would otherwise hold a float32 copy of every bfloat16 / int8 weight at
+        once. Outputs are unchanged.
+        """
+        memory.set_sequencing(self, enabled)
+        self.reset_train_functions()
+        for value in vars(self).values():
+            if isinstance(value, CompiledProgram):
+                value.reset()
 
     def enable_remat(self, enabled=True):
         """Rematerializes `remat_layers()` in training (less activation memory, ~1 more forward)."""

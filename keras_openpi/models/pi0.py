@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_openpi.backend import CompiledProgram
+from keras_openpi.backend.sequencing import layer_sequencing_default
 from keras_openpi.backend.train_step import StepLogsMixin
 from keras_openpi.data.augment import augment_images
 from keras_openpi.finetuning import FinetuningMixin
@@ -147,6 +148,7 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self._sample_program = CompiledProgram(self, self._sample_actions)
         self.build()
+        self.enable_sequencing(layer_sequencing_default())
 
     def build(self, input_shape=None):
         if self.built:
@@ -402,6 +404,10 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
     def remat_layers(self):
         """Rematerialized by `enable_remat`: the Gemma decoder blocks and SigLIP blocks."""
         return [*self.gemma.decoder_blocks, *self.vision_encoder.blocks]
+
+    def row_chunked_layers(self):
+        """Computed in chunks of rows under remat (JAX): every expert's feed-forward."""
+        return [e.feed_forward for block in self.gemma.decoder_blocks for e in block.experts]
 
     # === Keras training API ===
 

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_openpi.backend import CompiledProgram
+from keras_openpi.backend.sequencing import layer_sequencing_default
 from keras_openpi.backend.sampling import sample_categorical
 from keras_openpi.backend.sampling import step_seed
 from keras_openpi.backend.train_step import StepLogsMixin
@@ -127,6 +128,7 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self._generate_program = CompiledProgram(self, self._generate)
         self.build()
+        self.enable_sequencing(layer_sequencing_default())
 
     def build(self, input_shape=None):
         if self.built:
@@ -458,6 +460,10 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
     def remat_layers(self):
         """Rematerialized by `enable_remat`: the Gemma decoder blocks and SigLIP blocks."""
         return [*self.gemma.decoder_blocks, *self.vision_encoder.blocks]
+
+    def row_chunked_layers(self):
+        """Computed in chunks of rows under remat (JAX): every expert's feed-forward."""
+        return [e.feed_forward for block in self.gemma.decoder_blocks for e in block.experts]
 
     def get_config(self):
         config = super().get_config()
