@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_openpi.backend.sequencing import sequenced_call
+from keras_openpi.backend.sequencing import sequenced_forward
 from keras_openpi.backend.stateless import call_on_arrays
 
 
@@ -28,7 +28,8 @@ def rematerialized_call(layer, call, sequenced=False):
         layer: the layer whose variables `call` reads.
         call: the function to rematerialize, usually the layer's bound `call`.
         sequenced: run the forward pass (not the recomputation, which is
-            sequenced by its gradient already) with `sequenced_call`.
+            sequenced by its gradient already) after the layer's input exists
+            (`backend.sequencing.sequenced_forward`).
 
     Returns:
         A function with `call`'s signature.
@@ -43,10 +44,8 @@ def rematerialized_call(layer, call, sequenced=False):
         )
 
     def remat_call(*args, **kwargs):
-        forward, inputs, _ = call_on_arrays(layer, call, args, kwargs)
-        primal = None
-        if sequenced:
-            primal, _, _ = call_on_arrays(layer, sequenced_call(layer, call, always=True), args, kwargs)
+        forward, inputs, arrays = call_on_arrays(layer, call, args, kwargs)
+        primal = sequenced_forward(forward, len(inputs) - len(arrays)) if sequenced else None
         return _checkpoint(forward, primal)(*inputs)
 
     return remat_call
@@ -61,7 +60,6 @@ def _checkpoint(forward, primal=None):
     from jax import numpy as jnp
 
     perturbed = []
-
     primal = primal or forward
 
     @jax.custom_vjp

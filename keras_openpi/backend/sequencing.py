@@ -49,13 +49,14 @@ def layer_sequencing_default():
     return jax.default_backend() == "cpu"
 
 
-def sequenced_call(layer, call, always=False):
+def sequenced_call(layer, call):
     """`call` (a layer's `call`) run after its first floating input exists (see the module docstring).
+
+    Only calls inside `inference_program()` are sequenced; the others run as they are.
 
     Args:
         layer: the layer whose variables `call` reads.
         call: the function to sequence, usually the layer's bound `call`.
-        always: sequence every call, not only those inside `inference_program()`.
 
     Returns:
         A function with `call`'s signature.
@@ -67,17 +68,30 @@ def sequenced_call(layer, call, always=False):
         raise ValueError(f"sequenced_call is for the JAX backend; this is {keras.backend.backend()!r}.")
 
     def run_sequenced(*args, **kwargs):
-        import jax
-        from jax import numpy as jnp
-
-        if not (always or _INFERENCE.get()):
+        if not _INFERENCE.get():
             return call(*args, **kwargs)
         forward, inputs, arrays = call_on_arrays(layer, call, args, kwargs)
-        floats = [a for a in arrays if jnp.issubdtype(a.dtype, jnp.floating) and a.size]
-        if not floats:
-            return forward(*inputs)
-        probe = jnp.ravel(floats[0])[0]
-        # Always true (NaN takes the same branch), but not before `probe` exists.
-        return jax.lax.cond(probe == probe, forward, forward, *inputs)
+        return sequenced_forward(forward, len(inputs) - len(arrays))(*inputs)
 
     return run_sequenced
+
+
+def sequenced_forward(forward, num_weights):
+    """`forward(*weights, *arrays)` inside a conditional on its first non-empty floating array.
+
+    `forward` and its inputs are `backend.stateless.call_on_arrays`'; the
+    first `num_weights` inputs are the layer's weights.
+    """
+    import jax
+    from jax import numpy as jnp
+
+    def run(*values):
+        arrays = values[num_weights:]
+        floats = [a for a in arrays if jnp.issubdtype(a.dtype, jnp.floating) and a.size]
+        if not floats:
+            return forward(*values)
+        probe = jnp.ravel(floats[0])[0]
+        # Always true (NaN takes the same branch), but not before `probe` exists.
+        return jax.lax.cond(probe == probe, forward, forward, *values)
+
+    return run
