@@ -6,6 +6,7 @@ its own virtual environment: `KERAS_OPENPI_CLIENT_PYTHON`, by default
 runs there as small scripts; they print one JSON object.
 """
 
+import asyncio
 import json
 import os
 import pathlib
@@ -157,3 +158,56 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+class Running:
+    """A `PolicyServer` on a loopback port, run by an event loop in a thread."""
+
+    def __init__(self, policy, **kwargs):
+        from keras_openpi.serving import PolicyServer
+
+        self.server = PolicyServer(policy, port=0, **kwargs)
+
+    def __enter__(self):
+        self.loop, self.stop = asyncio.new_event_loop(), asyncio.Event()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.server.run(self.stop),)
+        )
+        self.thread.start()
+        assert self.server.listening.wait(30)
+        return f"ws://127.0.0.1:{self.server.port}"
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        self.loop.close()
+
+
+class ConstantModel:
+    """Stands in for a `Pi0` in a `Policy`: its actions are `actions_for(batch)`."""
+
+    image_keys = ("base_0_rgb",)
+    image_resolution = (4, 4)
+    action_dim, action_horizon, max_token_len, vocabulary_size = 3, 2, 4, 10
+    compute_dtype = "float32"
+
+    def __init__(self, actions_for):
+        self.actions_for = actions_for
+
+    def sample_actions(self, batch, noise, num_steps):
+        return np.broadcast_to(self.actions_for(batch), noise.shape).astype(np.float32)
+
+
+def model_request(state=0.5):
+    return {
+        "image": {"base_0_rgb": np.zeros((4, 4, 3), np.uint8)},
+        "state": np.array([state], np.float32),
+        "tokenized_prompt": np.array([1, 2]),
+    }
+
+
+def nan_where_state_is_negative(batch):
+    """Ones; NaN in 2 of the 6 action values of a sample whose state is negative."""
+    actions = np.ones((len(batch["state"]), 2, 3))
+    actions[batch["state"][:, 0] < 0, 0, :2] = np.nan
+    return actions

@@ -167,11 +167,12 @@ def test_tokenized_prompt_and_default_prompt(policy):
         ),
         (
             lambda r: {**r, "image": {**r["image"], "base_0_rgb": np.zeros((32, 32, 4), np.uint8)}},
-            r"'image/base_0_rgb' must be one RGB image, \(h, w, 3\) or \(3, h, w\), got shape \(32, 32, 4\)",
+            r"'image/base_0_rgb' must be one RGB image, \(h, w, 3\) or \(3, h, w\), uint8 or "
+            r"float in \[0, 1\], got uint8 array of shape \(32, 32, 4\)",
         ),
         (
             lambda r: {**r, "image": {**r["image"], "base_0_rgb": np.zeros((32, 32, 3), np.int64)}},
-            "'image/base_0_rgb' must be uint8 or float in \\[0, 1\\], got dtype int64",
+            r"'image/base_0_rgb' must be one RGB image, .*, got int64 array of shape \(32, 32, 3\)",
         ),
         (
             lambda r: {**r, "image": {"base_0_rgb": r["image"]["base_0_rgb"]}},
@@ -303,3 +304,27 @@ def test_recorder_writes_openpi_records(tmp_path, policy):
     assert record["inputs/prompt"] == "pick cube"
     PolicyRecorder(policy, tmp_path / "records").infer(request)  # a restart keeps numbering
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["step_0.npy", "step_1.npy"]
+
+
+def test_a_record_that_cannot_be_written_leaves_nothing_half_and_the_reply_goes_out(
+    tmp_path, policy, monkeypatch, caplog
+):
+    import errno
+
+    from keras_openpi.serving import recorder as recorder_module
+
+    def full_disk(file, record):
+        file.write(b"\x93NUMPY half a record")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    recorder = PolicyRecorder(policy, tmp_path / "records")
+    monkeypatch.setattr(recorder_module.np, "save", full_disk)
+    result = recorder.infer(make_request(1))
+    assert result["actions"].shape == (HORIZON, ACTION_DIM)
+    assert list((tmp_path / "records").iterdir()) == []
+    step = tmp_path / "records" / "step_0.npy"
+    assert f"could not record {step} (the reply was sent): [Errno 28] No space left" in caplog.text
+    monkeypatch.undo()
+    recorder.infer(make_request(1))  # numbering goes on; the record is whole
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["step_1.npy"]
+    assert np.load(tmp_path / "records" / "step_1.npy", allow_pickle=True).item()["inputs/prompt"]

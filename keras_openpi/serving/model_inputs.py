@@ -3,46 +3,42 @@
 Whatever the robot transforms produced, the model gets fixed shapes and dtypes
 (so its compiled sampler is reused for every request) and a request that
 cannot be served gets a `ValueError` that names the key, what was expected and
-what came.
+what came. Values are checked after their conversion to float and their cast
+to the model's dtype, so that a finite request whose normalized state
+overflows (a float64 1e300, or a float32 3e38 the model would square) is
+refused rather than answered with NaN actions.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 
+from keras_openpi.serving.request_checks import describe as _describe
 
-def check_finite(observation, prefix=""):
-    """Raises a ValueError naming the first float leaf of `observation` with NaN or inf.
 
-    Args:
-        observation: a nested dict of arrays, scalars and strings (a request).
-        prefix: the "/"-path of `observation` inside the request.
+def value_limit(dtype):
+    """The largest magnitude a model input may have in `dtype`: the square root of its max.
 
-    Example:
-    >>> check_finite({"state": np.array([0.0, np.nan])})
-    Traceback (most recent call last):
-    ...
-    ValueError: 'state' has a non-finite value (nan) at index (1,); expected finite numbers.
+    The model squares its activations (its norms compute mean squares), so an
+    input whose square is not finite in the model's dtype cannot be served:
+    1.8e19 for float32 and bfloat16, 255.9 for float16.
     """
-    for key, value in observation.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            check_finite(value, f"{path}/")
-        elif isinstance(value, (np.ndarray, np.generic, float)):
-            array = np.asarray(value)
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-                raise ValueError(
-                    f"{path!r} has a non-finite value ({array[index]}) at index {index}; "
-                    "expected finite numbers."
-                )
+    return math.sqrt(float(ml_dtypes.finfo(dtype).max))
 
 
-def _describe(value):
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} array of shape {value.shape}"
-    return type(value).__name__
+def _check_magnitude(values, key, dtype, limit):
+    """Raises a ValueError naming `key` if a value of `values` is NaN, inf or beyond ±`limit`."""
+    bad = ~(np.abs(values) <= limit)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{key!r} has the value {values[index]:.6g} at index {index} after the robot's "
+            f"transforms and normalization; the model's {dtype} needs finite values within "
+            f"±{limit:.3g}. Check the units of {key!r} and the norm stats."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +58,8 @@ class ModelInputs:
         action_dim: the model's state width.
         max_token_len: the model's prompt length L.
         vocabulary_size: token ids must be below it.
+        compute_dtype: the model's compute dtype; states and float images must
+            stay within `value_limit(compute_dtype)` (and float32's) once cast.
 
     Example:
     >>> check = ModelInputs(("base_0_rgb",), (4, 4), 3, 5, 10)
@@ -76,6 +74,7 @@ class ModelInputs:
     action_dim: int
     max_token_len: int
     vocabulary_size: int
+    compute_dtype: str = "float32"
 
     @classmethod
     def for_model(cls, model):
@@ -86,7 +85,13 @@ class ModelInputs:
             int(model.action_dim),
             int(model.max_token_len),
             int(model.vocabulary_size),
+            str(model.compute_dtype),
         )
+
+    @property
+    def limit(self):
+        """The largest magnitude of a state or image value (see `value_limit`)."""
+        return min(value_limit(self.compute_dtype), value_limit("float32"))
 
     def __call__(self, sample):
         return {
@@ -130,8 +135,10 @@ class ModelInputs:
                     f"'image/{key}' must be a {expected_shape} (or float32 in [-1, 1]) array, "
                     f"got {_describe(image)}."
                 )
-            if image.dtype == np.uint8:
+            if image.dtype == np.uint8:  # always within [-1, 1]
                 image = image.astype(np.float32) / 255.0 * 2.0 - 1.0
+            else:
+                _check_magnitude(image, f"image/{key}", self.compute_dtype, self.limit)
             out_images[key] = image.astype(np.float32, copy=False)
             mask = np.asarray(masks.get(key, True))
             if mask.size != 1 or mask.dtype.kind not in "biu":
@@ -149,6 +156,7 @@ class ModelInputs:
             or state.dtype.kind not in "fiu"
         ):
             raise ValueError(f"'state' must be a {expected} array, got {_describe(state)}.")
+        _check_magnitude(state, "state", self.compute_dtype, self.limit)
         out = np.zeros((self.action_dim,), np.float32)
         out[: state.shape[0]] = state
         return out

@@ -13,12 +13,16 @@ from keras_openpi.data.transforms import compose
 from keras_openpi.serving.checkpoint import checkpoint_format
 from keras_openpi.serving.checkpoint import resolve_norm_stats
 from keras_openpi.serving.model_inputs import ModelInputs
-from keras_openpi.serving.model_inputs import check_finite
 from keras_openpi.serving.prompt import resolve_tokenizer
+from keras_openpi.serving.request_checks import check_finite
 from keras_openpi.serving.robots import model_type_of
 from keras_openpi.serving.robots import robot_transforms
 
 logger = logging.getLogger("keras_openpi.serving")
+
+
+class NonFiniteActions(RuntimeError):
+    """The model produced NaN or inf actions: none are returned (the server sends an error)."""
 
 
 class Policy:
@@ -28,11 +32,14 @@ class Policy:
     `{"actions": (H, robot_action_dim), "policy_timing": {"infer_ms": ...}}`;
     `infer_batch` takes a list and returns (B, H, robot_action_dim) actions.
     Every observation is checked (non-finite numbers, then the model's exact
-    layout after the transforms) and a bad one raises a `ValueError` naming
-    the key. The sampler is compiled once, at construction (warm-up), for the
-    model's fixed input shapes; `infer_ms` is the time of the sampler
-    including the copy of the actions to the host, so it measures completed
-    device work. Calls from several threads run one at a time.
+    layout and value range after the transforms) and a bad one raises a
+    `ValueError` naming the key. Actions are never returned non-finite: the
+    model's actions and the output transforms' are checked, and any NaN or
+    inf raises `NonFiniteActions` instead. The sampler is compiled once, at
+    construction (warm-up), for the model's fixed input shapes; `infer_ms` is
+    the time of the sampler including the copy of the actions to the host, so
+    it measures completed device work. Calls from several threads run one at
+    a time.
 
     Args:
         model: a `Pi0` model.
@@ -229,13 +236,27 @@ class Policy:
             start = time.perf_counter()
             actions = self._sample(batch, noise)
             infer_ms = (time.perf_counter() - start) * 1000.0
-        outputs = [
-            self._output_transform({"state": batch["state"][i], "actions": actions[i]})
-            for i in range(batch_size)
-        ]
+        _check_actions(actions, "the model's actions")
+        with np.errstate(over="ignore", invalid="ignore"):
+            outputs = [
+                self._output_transform({"state": batch["state"][i], "actions": actions[i]})
+                for i in range(batch_size)
+            ]
         result = _stack(outputs) if batched else dict(outputs[0])
+        _check_actions(result.get("actions"), "the actions after the output transforms")
         result["policy_timing"] = {"infer_ms": infer_ms}
         return result
+
+
+def _check_actions(actions, what):
+    actions = np.asarray(actions)
+    if actions.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(actions)))
+        if bad:
+            raise NonFiniteActions(
+                f"{what} have {bad} non-finite values of {actions.size} (NaN or inf); "
+                "no actions were sent."
+            )
 
 
 def _check_noise(noise, shape, expected):

@@ -35,7 +35,20 @@ def resolve_tokenizer(spec, model):
             )
         return ByteTokenizer(max_len)
     if isinstance(spec, (str, os.PathLike)):
-        return PaligemmaTokenizer(spec, max_len=max_len)
+        try:
+            tokenizer = PaligemmaTokenizer(spec, max_len=max_len)
+        except RuntimeError:  # SentencePiece's own parse error
+            raise ValueError(
+                f"the tokenizer {os.fspath(spec)} is not a SentencePiece .model file "
+                "(SentencePiece cannot parse it); pass PaliGemma's tokenizer file."
+            ) from None
+        if tokenizer.vocabulary_size > model.vocabulary_size:
+            raise ValueError(
+                f"the tokenizer {os.fspath(spec)} has {tokenizer.vocabulary_size:,} ids but the "
+                f"model's vocabulary has {model.vocabulary_size:,}; pass the tokenizer the model "
+                "was trained with."
+            )
+        return tokenizer
     if hasattr(spec, "tokenize"):
         return spec
     raise ValueError(

@@ -1,6 +1,8 @@
 """`PolicyRecorder`: saves every request and its reply, as openpi's recorder does."""
 
+import contextlib
 import logging
+import os
 import pathlib
 import re
 
@@ -21,6 +23,9 @@ class PolicyRecorder:
     policy's reply, "/"-flattened) as a 0-d object array; read one back with
     `np.load(path, allow_pickle=True).item()`. Numbering continues after the
     steps already in the directory, so a restarted server keeps old records.
+    A record is written whole or not at all (to a temporary file, then
+    renamed); when it cannot be written (a full disk) the error is logged
+    naming the file, and the reply still goes to the robot.
 
     Args:
         policy: has `infer(obs, noise=None)`, `infer_batch` and `metadata`.
@@ -64,4 +69,12 @@ class PolicyRecorder:
         self._next_step += 1
         record = np.empty((), dtype=object)
         record[()] = flatten_dict(data)
-        np.save(path, record)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as file:
+                np.save(file, record)
+            os.replace(partial, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            logger.error("could not record %s (the reply was sent): %s", path, error)

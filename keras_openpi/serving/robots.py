@@ -1,7 +1,8 @@
 """A policy's transform chains for a robot: openpi's `create_trained_policy` order.
 
-inputs: robot inputs → `Normalize` → model inputs (default prompt, resize,
-tokenize, pad); outputs: `Unnormalize` → robot outputs. The robot mappings,
+inputs: request checks (`CheckRequest`, with the robot's `REQUEST_SPECS`) →
+robot inputs → `Normalize` → model inputs (default prompt, resize, tokenize,
+pad); outputs: `Unnormalize` → robot outputs. The robot mappings,
 normalization and model transforms are `keras_openpi.data`'s, the same the
 trainer applies, so a policy sees requests exactly as the model saw its
 training samples.
@@ -13,6 +14,22 @@ from keras_openpi.data.robots import get_robot
 from keras_openpi.data.transforms import Group
 from keras_openpi.data.transforms import TokenizePrompt
 from keras_openpi.serving.prompt import PromptOrTokens
+from keras_openpi.serving.request_checks import CheckRequest
+from keras_openpi.serving.request_checks import RequestSpec
+
+# What each robot's requests hold (see each robot's `*Inputs` in `keras_openpi.data.robots`).
+REQUEST_SPECS = {
+    "aloha": RequestSpec(image_maps=("images",), states={"state": (1,)}),
+    "droid": RequestSpec(
+        images=("observation/exterior_image_1_left", "observation/wrist_image_left"),
+        states={"observation/joint_position": (1,), "observation/gripper_position": (0, 1)},
+    ),
+    "libero": RequestSpec(
+        images=("observation/image", "observation/wrist_image"),
+        states={"observation/state": (1,)},
+    ),
+    "raw": RequestSpec(image_maps=("image",), image_masks=("image_mask",), states={"state": (1,)}),
+}
 
 
 def model_type_of(model):
@@ -47,7 +64,8 @@ def robot_transforms(
             to True for π0.5 models.
 
     Returns:
-        `Group(inputs, outputs)`.
+        `Group(inputs, outputs)`; the first input transform checks requests
+        (`CheckRequest`).
 
     Example:
     >>> inputs, outputs = robot_transforms("raw", model)  # doctest: +SKIP
@@ -66,9 +84,11 @@ def robot_transforms(
     model_inputs = [
         PromptOrTokens(t) if isinstance(t, TokenizePrompt) else t for t in model_group.inputs
     ]
-    return pipeline.build_transforms(
+    inputs, outputs = pipeline.build_transforms(
         robot=get_robot(robot, model_type=model_type, delta_actions=delta_actions),
         model=Group(model_inputs, model_group.outputs),
         norm_stats=norm_stats,
         use_quantiles=pipeline.uses_quantile_norm(model_type),
     )
+    check = CheckRequest(REQUEST_SPECS[robot], tuple(model.image_resolution))
+    return Group((check, *inputs), outputs)
