@@ -134,6 +134,17 @@ def _array_map(**fields):
             msgpack.packb({b"__npgeneric__": True, b"data": "x", b"dtype": "<f4"}),
             "encoded <f4 scalar is invalid",
         ),
+        (
+            msgpack.packb({b"__npgeneric__": True, b"data": None, b"dtype": "<f8"}),
+            "encoded <f8 scalar's data must be a number or a string, got NoneType",
+        ),
+        (
+            msgpack.packb({b"__npgeneric__": True, b"data": [1, 2], b"dtype": "<f8"}),
+            "encoded <f8 scalar's data must be a number or a string, got list",
+        ),
+        (_array_map(shape=[True, 1]), "shape must be a list of sizes"),
+        (_array_map(shape=[1] * 65), r"shape \(1, 1, .* beyond numpy's limits \(at most 64 axes"),
+        (_array_map(shape=[0, 2**62, 2**62]), r"shape \(0, 4611686018427387904, .* beyond numpy"),
     ],
     ids=[
         "short_data",
@@ -143,8 +154,43 @@ def _array_map(**fields):
         "negative_shape",
         "data_not_bytes",
         "bad_scalar",
+        "none_scalar",
+        "list_scalar",
+        "bool_shape",
+        "rank_65",
+        "too_big",
     ],
 )
 def test_malformed_arrays_raise(message, error):
     with pytest.raises(msgpack_codec.MalformedArray, match=error):
         msgpack_codec.unpackb(message)
+
+
+UNREADABLE = {
+    "garbage": (
+        b"\xc1\xc1 not msgpack",
+        "it is not msgpack (send msgpack_numpy.packb(observation) as bytes).",
+    ),
+    "deep": (b"\x91" * 100_000 + b"\x01", "it nests maps or lists deeper than msgpack allows."),
+    "extra": (
+        msgpack.packb({"a": 1}) + b"xy",
+        "it has 2 bytes after its first msgpack object; send one packed observation per message.",
+    ),
+    "truncated": (
+        msgpack.packb({"a": [1, 2]})[:-1],
+        "it ends before its msgpack object does (a truncated message).",
+    ),
+    "float_key": (msgpack.packb({1.5: 2}), "its maps must have str keys, got a float key."),
+    "not_utf8": (
+        b"\x81\xa1a\xa2\xff\xfe",
+        "it holds a string that is not UTF-8 (invalid start byte at byte 0).",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_msgpack_errors_are_explained(case):
+    message, reason = UNREADABLE[case]
+    with pytest.raises(Exception) as error:
+        msgpack_codec.unpackb(message)
+    assert msgpack_codec.explain(error.value) == reason

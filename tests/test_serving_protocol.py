@@ -4,13 +4,18 @@ These need no model: the policies below record how they are called. The real
 client and a real model are in test_serving_server.py.
 """
 
-import asyncio
+import base64
+import os
+import re
+import socket
+import struct
 import threading
 import time
 
 import numpy as np
 import pytest
 import websockets
+from serving_support import Running
 from websockets.sync.client import connect
 
 from keras_openpi.serving import PolicyServer
@@ -42,27 +47,6 @@ class Broken:
 
     def infer(self, obs):
         raise RuntimeError("device lost\nsecond line")
-
-
-class Running:
-    """A `PolicyServer` on a loopback port, run by an event loop in a thread."""
-
-    def __init__(self, policy, **kwargs):
-        self.server = PolicyServer(policy, port=0, **kwargs)
-
-    def __enter__(self):
-        self.loop, self.stop = asyncio.new_event_loop(), asyncio.Event()
-        self.thread = threading.Thread(
-            target=self.loop.run_until_complete, args=(self.server.run(self.stop),)
-        )
-        self.thread.start()
-        assert self.server.listening.wait(30)
-        return f"ws://127.0.0.1:{self.server.port}"
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        self.loop.close()
 
 
 def infer(websocket, state):
@@ -124,3 +108,151 @@ def test_server_can_run_again_after_stopping():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="'max_message_bytes' must be positive, got 0"):
         PolicyServer(OverlapRecorder(), max_message_bytes=0)
+
+
+# === Attacks on the websocket side ===
+
+
+class Echo:
+    """Answers `{"actions": state}`."""
+
+    metadata = {"kind": "echo"}
+
+    def infer(self, obs):
+        return {"actions": np.asarray(obs["state"], np.float32)}
+
+
+def assert_serves(uri, **connect_args):
+    """A fresh connection gets the metadata and a reply (the server went on)."""
+    with connect(uri, **connect_args) as websocket:
+        websocket.recv(timeout=30)
+        assert msgpack_codec.unpackb(infer(websocket, 2.0))["actions"].tolist() == [2.0]
+
+
+def test_non_finite_actions_are_never_sent(caplog):
+    from serving_support import ConstantModel
+    from serving_support import model_request
+    from serving_support import nan_where_state_is_negative
+
+    from keras_openpi import Policy
+
+    policy = Policy(ConstantModel(nan_where_state_is_negative))
+    with Running(policy) as uri:
+        with connect(uri) as websocket:
+            websocket.recv(timeout=30)
+            websocket.send(msgpack_codec.packb(model_request(0.5)))
+            assert msgpack_codec.unpackb(websocket.recv(timeout=30))["actions"].tolist() == [
+                [1.0] * 3
+            ] * 2
+            websocket.send(msgpack_codec.packb(model_request(-0.5)))
+            assert websocket.recv(timeout=30) == (
+                "internal error: the model's actions have 2 non-finite values of 6 (NaN or inf); "
+                "no actions were sent."
+            )
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                websocket.recv(timeout=30)
+        assert closed.value.rcvd.code == 1011
+        with connect(uri) as websocket:  # the server goes on
+            websocket.recv(timeout=30)
+            websocket.send(msgpack_codec.packb(model_request(0.5)))
+            assert msgpack_codec.unpackb(websocket.recv(timeout=30))["actions"].shape == (2, 3)
+    logged = [r for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelname == "ERROR"
+    assert "internal error: the model's actions have 2 non-finite" in logged[0].getMessage()
+
+
+def _read_frame(stream):
+    """The next data or close frame from the server (unmasked), past pings: `(opcode, payload)`."""
+    while True:
+        first, second = stream.read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", stream.read(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", stream.read(8))[0]
+        payload = stream.read(length)
+        if first & 0x0F not in (0x9, 0xA):  # ping, pong
+            return first & 0x0F, payload
+
+
+def test_oversize_message_is_refused_from_its_header(caplog):
+    # The frame header announces 390 MiB; only 1 KiB follows. The server answers
+    # 1009 at once, so it never waited for (nor stored) the payload.
+    with Running(Echo(), max_message_bytes=2**20) as uri:
+        port = int(uri.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                (
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            stream = sock.makefile("rb")
+            assert stream.readline().startswith(b"HTTP/1.1 101")
+            while stream.readline() != b"\r\n":  # the rest of the headers
+                pass
+            assert _read_frame(stream) == (0x2, msgpack_codec.packb(Echo.metadata))
+            size = 390 * 2**20
+            header = bytes([0x82, 0x80 | 127]) + struct.pack(">Q", size) + os.urandom(4)
+            sock.sendall(header + b"\0" * 1024)
+            opcode, payload = _read_frame(stream)
+        assert opcode == 0x8
+        assert struct.unpack(">H", payload[:2])[0] == 1009
+        assert payload[2:].decode() == f"frame with {size} bytes exceeds limit of 1048576 bytes"
+        assert_serves(uri)
+    refused = f"refused: frame with {size} bytes exceeds limit of 1048576 bytes (--max-message-mb)"
+    assert refused in caplog.text
+
+
+def test_concurrent_oversize_messages_are_refused_and_the_server_goes_on():
+    closes = []
+    with Running(Echo(), max_message_bytes=2**20) as uri:
+
+        def client():
+            with connect(uri, max_size=None) as websocket:
+                websocket.recv(timeout=30)
+                try:
+                    websocket.send(b"\0" * (3 * 2**20))
+                    websocket.recv(timeout=30)
+                except websockets.ConnectionClosed as closed:
+                    closes.append((closed.rcvd.code, closed.rcvd.reason))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert_serves(uri)
+    reason = f"frame with {3 * 2**20} bytes exceeds limit of 1048576 bytes"
+    assert closes == [(1009, reason)] * 3
+
+
+def test_two_authorization_headers_are_a_bad_request(caplog):
+    with Running(Echo(), api_key="k") as uri:
+        headers = [("Authorization", "Api-Key k"), ("Authorization", "Api-Key k")]
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            connect(uri, additional_headers=headers)
+        assert refused.value.response.status_code == 400
+        assert refused.value.response.body.decode() == (
+            "Bad request: 2 Authorization headers; send exactly one, "
+            "'Authorization: Api-Key <key>'.\n"
+        )
+        assert_serves(uri, additional_headers={"Authorization": "Api-Key k"})
+    assert "refused: 2 Authorization headers" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "key, error",
+    [
+        ("", "the API key is empty ('')"),
+        ("  \t", "the API key is empty ('  \\t')"),
+        (" key", "the API key must be printable ASCII without leading or trailing spaces"),
+        ("clé", "the API key must be printable ASCII"),
+    ],
+    ids=["empty", "whitespace", "padded", "non_ascii"],
+)
+def test_api_keys_no_client_can_send_are_refused(key, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        PolicyServer(Echo(), api_key=key)

@@ -197,6 +197,16 @@ cases = {
     "image_dtype": bad({**good, "image": {**image, "base_0_rgb": np.zeros((32, 32, 3), np.int64)}}),
     "nan_state": bad({**good, "state": np.array([0.0, np.nan], np.float32)}),
     "inf_state": bad({**good, "state": np.array([np.inf], np.float32)}),
+    "float32_overflow_state": bad({**good, "state": np.full(5, 3e38, np.float32)}),
+    "float64_overflow_state": bad({**good, "state": np.full(5, 1e300)}),
+    "scalar_state": bad({**good, "state": np.float32(1.0)}),
+    "text_state": bad({**good, "state": "0.1 0.2"}),
+    "empty_image": bad({**good, "image": {**image, "base_0_rgb": np.zeros((0, 0, 3), np.uint8)}}),
+    "thin_image": bad({**good, "image": {**image, "base_0_rgb": np.zeros((1, 900, 3), np.uint8)}}),
+    "mask_not_dict": bad({**good, "image_mask": True}),
+    "mask_not_bool": bad({**good, "image_mask": {"base_0_rgb": "yes"}}),
+    "prompt_not_utf8": bad({**good, "prompt": b"\\xff\\xfe"}),
+    "bytes_key": bad({**good, b"state": good["state"]}),
     "oversize": bad({**good, "padding": np.zeros(1_500_000, np.uint8)}),
     "far_oversize": bad({**good, "padding": np.zeros(5_000_000, np.uint8)}),
 }
@@ -219,17 +229,38 @@ for name, send in cases.items():
     results[name] = out
 print(json.dumps(results))
 """
+IMAGE = "'image/base_0_rgb' must be one RGB image, (h, w, 3) or (3, h, w), uint8 or float in [0, 1]"
+OVERFLOW = (
+    "at index (0,) after the robot's transforms and normalization; the model's float32 needs "
+    "finite values within ±1.84e+19. Check the units of 'state' and the norm stats."
+)
 BAD_REQUEST_ERRORS = {
-    "not_msgpack": "the message is not a msgpack observation (",
+    "not_msgpack": "the message is not a msgpack observation: it is not msgpack (send "
+    "msgpack_numpy.packb(observation) as bytes).",
     "text_frame": "expected a binary msgpack observation, got a text frame",
-    "not_a_map": "the message must be a msgpack map of named arrays (an observation dict), got list",
-    "malformed_array": "the message holds a malformed array: an encoded <f4 array of shape (5,) needs 20 bytes, got 3",
+    "not_a_map": "the message must be a msgpack map of named arrays (an observation dict), got "
+    "list",
+    "malformed_array": "the message holds a malformed array: an encoded <f4 array of shape (5,) "
+    "needs 20 bytes, got 3",
     "missing_state": "RawInputs: the sample has no 'state'",
-    "image_shape": "'image/base_0_rgb' must be one RGB image, (h, w, 3) or (3, h, w), got shape (32, 32, 4)",
-    "image_dtype": "'image/base_0_rgb' must be uint8 or float in [0, 1], got dtype int64",
+    "image_shape": IMAGE + ", got uint8 array of shape (32, 32, 4).",
+    "image_dtype": IMAGE + ", got int64 array of shape (32, 32, 3).",
     "nan_state": "'state' has a non-finite value (nan) at index (1,); expected finite numbers.",
     "inf_state": "'state' has a non-finite value (inf) at index (0,); expected finite numbers.",
-    "oversize": "more than the server's limit of 1,048,576 (--max-message-mb)",
+    "float32_overflow_state": "'state' has the value 3e+38 " + OVERFLOW,
+    "float64_overflow_state": "'state' has the value 9.99999e+299 " + OVERFLOW,  # normalized
+    "scalar_state": "'state' must be a numeric array of rank 1, got float32 scalar.",
+    "text_state": "'state' must be a numeric array of rank 1, got str.",
+    "empty_image": IMAGE + ", got an empty uint8 array of shape (0, 0, 3).",
+    "thin_image": "'image/base_0_rgb' of 1x900 pixels is too thin to resize to the model's 32x32 "
+    "(it would be 0x32 pixels); send an image of a less extreme aspect ratio.",
+    "mask_not_dict": "'image_mask' must be a dict {camera: bool} over the cameras of 'image', "
+    "got bool.",
+    "mask_not_bool": "'image_mask/base_0_rgb' must be one bool, got str.",
+    "prompt_not_utf8": "'prompt' must be UTF-8 text, got bytes that are not UTF-8 (invalid start "
+    "byte at byte 0); send the prompt as a str.",
+    "bytes_key": "the observation's keys must be str, got the bytes key b'state' in "
+    "'the observation'.",
 }
 
 
@@ -255,11 +286,17 @@ def test_bad_input_gets_an_error_frame_and_the_server_goes_on(served, bad_input_
     )
 
 
-def test_far_oversize_message_is_cut_off_by_the_websocket_layer(bad_input_results):
-    # Over 4x the limit the message is refused before it is read (code 1009, message too big).
-    result = bad_input_results["far_oversize"]
+@pytest.mark.parametrize("case, size", [("oversize", 1_500_000), ("far_oversize", 5_000_000)])
+def test_oversize_message_is_refused_by_the_websocket_layer(served, bad_input_results, case, size):
+    # Refused from its frame header, before it is read (code 1009, message too big).
+    result = bad_input_results[case]
     assert result["error"] is None and result["close"][0] == 1009
+    pattern = r"frame with (\d+) bytes exceeds limit of 1048576 bytes"
+    reason = re.fullmatch(pattern, result["close"][1])
+    assert size < int(reason.group(1)) < size + 20_000  # the padding and the observation
     assert result["after"] == [4, 8]
+    refused = f"refused: {reason.group(0)} (--max-message-mb); closed with 1009"
+    wait_for_log(served, re.escape(refused))
 
 
 def test_api_key_is_required(served):

@@ -6,7 +6,8 @@ b"dtype": dtype.str, b"shape": [dims]}` and a numpy scalar as
 exactly as `openpi_client.msgpack_numpy` writes them (same keys, same order,
 same msgpack options), so that bytes packed here equal the client's bytes for
 the same object. Decoding also accepts what the client sends, and rejects
-malformed array maps with a `ValueError` instead of crashing on them.
+malformed array maps with a `ValueError` instead of crashing on them
+(`explain` words msgpack's own errors for a client).
 """
 
 import functools
@@ -17,6 +18,11 @@ import numpy as np
 
 # Object, void (structured) and complex arrays do not cross the wire (as in openpi).
 UNSUPPORTED_DTYPE_KINDS = ("V", "O", "c")
+# numpy's limits on an array: its rank, and its size in bytes (counting empty axes as 1).
+MAX_ARRAY_RANK = 64
+MAX_ARRAY_BYTES = 2**63 - 1
+# What openpi's client sends as a scalar's data: `numpy_scalar.item()`.
+SCALAR_DATA_TYPES = (bool, int, float, str, bytes)
 
 
 class MalformedArray(ValueError):
@@ -66,10 +72,16 @@ def decode_numpy(obj):
         dtype = _wire_dtype(obj.get(b"dtype"))
         shape, data = obj.get(b"shape"), obj.get(b"data")
         if not isinstance(shape, (list, tuple)) or not all(
-            isinstance(d, int) and d >= 0 for d in shape
+            type(d) is int and d >= 0 for d in shape
         ):
             raise MalformedArray(
                 f"an encoded array's shape must be a list of sizes, got {shape!r:.60}."
+            )
+        nonzero_bytes = math.prod(max(d, 1) for d in shape) * max(dtype.itemsize, 1)
+        if len(shape) > MAX_ARRAY_RANK or nonzero_bytes > MAX_ARRAY_BYTES:
+            raise MalformedArray(
+                f"an encoded array's shape {tuple(shape)!s:.80} is beyond numpy's limits "
+                f"(at most {MAX_ARRAY_RANK} axes and {MAX_ARRAY_BYTES:,} bytes)."
             )
         if not isinstance(data, bytes):
             raise MalformedArray(
@@ -84,11 +96,38 @@ def decode_numpy(obj):
         return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
     if b"__npgeneric__" in obj:
         dtype = _wire_dtype(obj.get(b"dtype"))
+        data = obj.get(b"data")
+        if not isinstance(data, SCALAR_DATA_TYPES):
+            raise MalformedArray(
+                f"an encoded {dtype.str} scalar's data must be a number or a string, got "
+                f"{type(data).__name__}."
+            )
         try:
-            return dtype.type(obj.get(b"data"))
+            return dtype.type(data)
         except (TypeError, ValueError, OverflowError) as error:
             raise MalformedArray(f"an encoded {dtype.str} scalar is invalid: {error}") from None
     return obj
+
+
+def explain(error):
+    """One line saying why `unpackb` failed on a message, for the client that sent it."""
+    if isinstance(error, msgpack.ExtraData):
+        return (
+            f"it has {len(error.extra):,} bytes after its first msgpack object; send one "
+            "packed observation per message."
+        )
+    if isinstance(error, msgpack.StackError):
+        return "it nests maps or lists deeper than msgpack allows."
+    if isinstance(error, msgpack.FormatError):
+        return "it is not msgpack (send msgpack_numpy.packb(observation) as bytes)."
+    text = " ".join(str(error).split())
+    if "incomplete input" in text:
+        return "it ends before its msgpack object does (a truncated message)."
+    if "is not allowed for map key" in text:
+        return f"its maps must have str keys, got a {text.split()[0]} key."
+    if isinstance(error, UnicodeDecodeError):
+        return f"it holds a string that is not UTF-8 ({error.reason} at byte {error.start})."
+    return f"{text} ({type(error).__name__})." if text else f"{type(error).__name__}."
 
 
 Packer = functools.partial(msgpack.Packer, default=encode_numpy)

@@ -13,7 +13,13 @@ The protocol is `openpi.serving.websocket_policy_server`'s, so that
   waiting for other connections' inferences; an addition of keras_openpi);
 - a request that cannot be served gets a text frame with a one-line reason
   (which the client raises as `RuntimeError("Error in inference server: ...")`)
-  and the connection is closed with code 1011; the server keeps serving;
+  and the connection is closed with code 1011; the server keeps serving.
+  Actions with NaN or inf are never sent: an internal-error frame replaces them;
+- a message over `max_message_bytes` is refused by the websocket layer from
+  its frame header, before its payload is read, with close code 1009 and the
+  reason `frame with N bytes exceeds limit of M bytes`; and each connection
+  buffers at most `MAX_QUEUED_MESSAGES` messages ahead of the one being served,
+  so a connection holds a few messages of memory at most;
 - `GET /healthz` answers 200 `OK`.
 
 Inference runs on one worker thread, so requests from any number of
@@ -35,13 +41,15 @@ from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 
 from keras_openpi.serving import msgpack_codec
+from keras_openpi.serving.policy import NonFiniteActions
 
 logger = logging.getLogger("keras_openpi.serving")
 
-DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20
-# Messages larger than this many times the limit are cut off by the websocket
-# layer itself (close code 1009) before they are read into memory.
-HARD_LIMIT_FACTOR = 4
+# Fits four 720p float32 cameras (openpi clients send 224x224 uint8: ~150 KB each).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+# openpi's protocol has one request in flight per connection; frames a client
+# sends ahead of its reply wait in a queue of at most this many (then reading pauses).
+MAX_QUEUED_MESSAGES = 1
 BAD_REQUEST_REASON = "Bad request. Reason included in previous frame."
 INTERNAL_ERROR_REASON = "Internal server error. Reason included in previous frame."
 # Exceptions of the policy that mean "this observation cannot be served".
@@ -49,7 +57,28 @@ BAD_INPUT_ERRORS = (ValueError, KeyError, TypeError)
 
 
 class BadRequest(ValueError):
-    """A request that is not an observation (not msgpack, not a map, too large)."""
+    """A request that is not an observation (not msgpack, not a map)."""
+
+
+def check_api_key(api_key):
+    """Raises a ValueError unless `api_key` is None or a key a client can send in a header.
+
+    An empty key (`--api-key "$KEY"` with `KEY` unset) would otherwise serve
+    without authentication; a key with surrounding spaces or characters an
+    HTTP header cannot carry would refuse every client.
+    """
+    if api_key is None:
+        return
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise ValueError(
+            f"the API key is empty ({api_key!r}); pass a non-empty key, or no --api-key (and no "
+            "$KERAS_OPENPI_API_KEY) to serve without authentication."
+        )
+    if api_key != api_key.strip() or not (api_key.isascii() and api_key.isprintable()):
+        raise ValueError(
+            "the API key must be printable ASCII without leading or trailing spaces (clients "
+            "send it in an HTTP header), got a key that is not."
+        )
 
 
 def _one_line(error):
@@ -65,8 +94,9 @@ class PolicyServer:
         host: the address to listen on (`0.0.0.0` for every interface).
         port: the TCP port; 0 picks a free one (`port` holds it once `listening`).
         api_key: when set, connections must send `Authorization: Api-Key <key>`
-            (`/healthz` needs none).
-        max_message_bytes: requests larger than this get an error frame.
+            (`/healthz` needs none); see `check_api_key`.
+        max_message_bytes: larger requests are refused before they are read
+            (close code 1009).
 
     Example:
     >>> server = PolicyServer(policy, port=8000)  # doctest: +SKIP
@@ -83,6 +113,7 @@ class PolicyServer:
     ):
         if int(max_message_bytes) < 1:
             raise ValueError(f"'max_message_bytes' must be positive, got {max_message_bytes}.")
+        check_api_key(api_key)
         self.policy = policy
         self.host = host
         self.port = int(port)
@@ -111,7 +142,8 @@ class PolicyServer:
                 self.host,
                 self.port,
                 compression=None,
-                max_size=self.max_message_bytes * HARD_LIMIT_FACTOR,
+                max_size=self.max_message_bytes,
+                max_queue=MAX_QUEUED_MESSAGES,
                 process_request=self._process_request,
             ) as server:
                 self.port = server.sockets[0].getsockname()[1]
@@ -130,8 +162,17 @@ class PolicyServer:
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self.api_key is None:
             return None
-        given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
+        headers = request.headers.get_all("Authorization")
+        if len(headers) > 1:
+            logger.warning("%s refused: %d Authorization headers", _peer(connection), len(headers))
+            return connection.respond(
+                http.HTTPStatus.BAD_REQUEST,
+                f"Bad request: {len(headers)} Authorization headers; send exactly one, "
+                "'Authorization: Api-Key <key>'.\n",
+            )
+        given = headers[0] if headers else ""
+        expected = f"Api-Key {self.api_key}"
+        if hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
             return None
         logger.warning(
             "%s refused: %s API key",
@@ -162,6 +203,11 @@ class PolicyServer:
                     logger.warning("%s %s", peer, text)
                     await _fail(websocket, text, BAD_REQUEST_REASON)
                     return
+                except NonFiniteActions as error:
+                    text = f"internal error: {_one_line(error)}"
+                    logger.error("%s %s", peer, text)
+                    await _fail(websocket, text, INTERNAL_ERROR_REASON)
+                    return
                 except Exception as error:
                     logger.exception("%s internal error", peer)
                     text = f"internal error: {type(error).__name__}: {_one_line(error)}"
@@ -171,7 +217,11 @@ class PolicyServer:
                 served, infer_total = served + 1, infer_total + infer_ms
                 prev_total = time.monotonic() - start
         except websockets.ConnectionClosed:
-            pass
+            sent = websocket.protocol.close_sent
+            if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
+                logger.warning(
+                    "%s refused: %s (--max-message-mb); closed with 1009", peer, sent.reason
+                )
         finally:
             mean = f", mean infer {infer_total / served:.1f} ms" if served else ""
             logger.info(
@@ -199,18 +249,13 @@ class PolicyServer:
                 "expected a binary msgpack observation, got a text frame; send "
                 "msgpack_numpy.packb(obs) as bytes."
             )
-        if len(message) > self.max_message_bytes:
-            raise BadRequest(
-                f"the message has {len(message):,} bytes, more than the server's limit of "
-                f"{self.max_message_bytes:,} (--max-message-mb)."
-            )
         try:
             obs = msgpack_codec.unpackb(message)
         except msgpack_codec.MalformedArray as error:
             raise BadRequest(f"the message holds a malformed array: {error}") from None
         except Exception as error:  # msgpack raises many kinds on garbage
             raise BadRequest(
-                f"the message is not a msgpack observation ({type(error).__name__}: {error})."
+                f"the message is not a msgpack observation: {msgpack_codec.explain(error)}"
             ) from None
         if not isinstance(obs, dict):
             raise BadRequest(
