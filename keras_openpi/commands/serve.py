@@ -4,10 +4,15 @@ Any robot runtime built on openpi's `openpi-client` connects unchanged:
 `WebsocketClientPolicy(host, port, api_key=...)`.
 """
 
+import errno
 import logging
+import math
 import os
+import pathlib
+import socket
 
 API_KEY_ENV = "KERAS_OPENPI_API_KEY"
+DEFAULT_MAX_MESSAGE_MB = 64.0
 
 
 def add_parser(subparsers):
@@ -51,7 +56,10 @@ def add_parser(subparsers):
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Api-Key KEY' from clients (default: ${API_KEY_ENV})",
+        help=(
+            f"require 'Authorization: Api-Key KEY' from clients (default: ${API_KEY_ENV}); "
+            "an empty key is refused: leave both unset to serve without authentication"
+        ),
     )
     parser.add_argument("--record", metavar="DIR", help="save every request and reply to DIR")
     parser.add_argument(
@@ -71,8 +79,12 @@ def add_parser(subparsers):
     parser.add_argument(
         "--max-message-mb",
         type=float,
-        default=100.0,
-        help="largest request in MiB; larger ones get an error reply (default 100)",
+        default=DEFAULT_MAX_MESSAGE_MB,
+        help=(
+            "largest request in MiB; a larger one is refused from its header, before it is "
+            f"read (close code 1009). Default {DEFAULT_MAX_MESSAGE_MB:g}: four 720p float32 "
+            "cameras; three 224x224 uint8 cameras are 0.45 MiB"
+        ),
     )
     return parser
 
@@ -86,8 +98,7 @@ def run(args):
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    if args.max_message_mb <= 0:
-        raise ValueError(f"--max-message-mb must be positive, got {args.max_message_mb}.")
+    check_args(args)
     policy = Policy.from_checkpoint(
         args.model,
         robot=args.robot,
@@ -108,8 +119,60 @@ def run(args):
         policy,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=args.api_key,
         max_message_bytes=int(args.max_message_mb * 2**20),
     )
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except OSError as error:
+        raise ValueError(_listen_error(args, error)) from None
     return 0
+
+
+def check_args(args):
+    """Refuses bad flags before the model loads (which can take minutes).
+
+    Raises:
+        ValueError: naming the flag, what was expected and what was given.
+    """
+    from keras_openpi.serving.server import check_api_key
+
+    try:
+        check_api_key(args.api_key)
+    except ValueError as error:
+        where = "--api-key"
+        if os.environ.get(API_KEY_ENV) is not None:
+            where += f" (or ${API_KEY_ENV})"
+        raise ValueError(f"{where}: {error}") from None
+    mb = args.max_message_mb
+    if not (math.isfinite(mb) and mb * 2**20 >= 1):
+        raise ValueError(f"--max-message-mb must be a positive number of MiB, got {mb}.")
+    if args.num_steps < 1:
+        raise ValueError(f"--num-steps must be at least 1, got {args.num_steps}.")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}.")
+    if args.record:
+        record = pathlib.Path(args.record)
+        if record.exists() and not record.is_dir():
+            raise ValueError(f"--record {record}: exists and is not a directory.")
+        parent = next((p for p in (record, *record.parents) if p.exists()), pathlib.Path("."))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--record {record}: {parent} is not writable.")
+    _check_can_listen(args)
+
+
+def _check_can_listen(args):
+    """Binds and releases `--host:--port`, so that a taken port fails before the model loads."""
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise ValueError(_listen_error(args, error)) from None
+
+
+def _listen_error(args, error):
+    reason = error.strerror or str(error)
+    hint = " (choose another --port)" if error.errno == errno.EADDRINUSE else ""
+    return f"cannot listen on --host {args.host} --port {args.port}: {reason}{hint}."
