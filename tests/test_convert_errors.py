@@ -1,4 +1,4 @@
-"""convert and `.keras` loading refuse bad flags and damaged or wrong files, and write nothing half."""
+"""convert and `.keras` loading refuse bad flags, damaged or wrong files; nothing half written."""
 
 import os
 import re
@@ -111,7 +111,7 @@ def test_truncated_orbax_data_file_names_the_weight(tmp_path, capsys):
     data = _largest_data_file(params_dir)
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     err = _one_line_error(capsys, _convert(params_dir, tmp_path / "out.keras"))
-    assert f"the openpi checkpoint {params_dir} is damaged or incomplete: cannot read weight '" in err
+    assert f"openpi checkpoint {params_dir} is damaged or incomplete: cannot read weight '" in err
     assert "tensorstore_spec" not in err and "Traceback" not in err
     assert not (tmp_path / "out.keras").exists()
 
@@ -183,7 +183,7 @@ def test_bad_flags_fail_before_reading(tmp_path, flags, message, capsys):
 
 def test_api_checks_the_same_settings(openpi_fixture):
     path = openpi_fixture("pi0").path
-    with pytest.raises(ValueError, match=r"lora_scale must be a finite number > 0 \(.*\), got nan\."):
+    with pytest.raises(ValueError, match=r"lora_scale must be a finite number > 0 .*, got nan\."):
         pi0_from_openpi(path, action_horizon=4, lora_scale=float("nan"))
     with pytest.raises(ValueError, match="max_token_len must be an integer >= 1, got 0"):
         pi0_from_openpi(path, action_horizon=4, max_token_len=0)

@@ -38,7 +38,9 @@ def pi0_from_openpi(
 
     if model not in ("pi0", "pi05"):
         raise ValueError(f"model must be 'pi0' or 'pi05', got {model!r}.")
-    check_settings(action_horizon=action_horizon, max_token_len=max_token_len, lora_scale=lora_scale)
+    check_settings(
+        action_horizon=action_horizon, max_token_len=max_token_len, lora_scale=lora_scale
+    )
     params = load_openpi_params(source)
     _check_model_type(params, model, source)
     config = pi0_config_from_params(params)

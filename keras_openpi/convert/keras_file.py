@@ -1,4 +1,4 @@
-"""Reading `.keras` policy files with every check: the archive, its class, its checksums, its weights.
+"""Reading `.keras` policy files with every check: archive, class, checksums, weights.
 
 `keras.saving.load_model` alone lets three kinds of damage through or hides
 them: a truncated file fails as "File is not a zip file" without naming it,
@@ -105,7 +105,7 @@ def verify_keras_checksums(path):
 
 
 def check_model_weights(model, source):
-    """Raises a `ValueError` naming the first weight of `model` that is non-finite or implausible."""
+    """Raises a `ValueError` naming the first weight of `model` that is non-finite or huge."""
     for variable in model.weights:
         value = keras.ops.convert_to_numpy(variable.value)
         if not np.issubdtype(value.dtype, np.floating) and value.dtype.kind != "V":

@@ -26,7 +26,7 @@ MAX_ABS_WEIGHT = 1e6
 
 
 def check_weight(name, array, source):
-    """Raises a `ValueError` naming `name` when `array` holds NaN, inf or |value| > `MAX_ABS_WEIGHT`.
+    """Raises a `ValueError` naming `name` if `array` holds NaN, inf or |w| > `MAX_ABS_WEIGHT`.
 
     Two reductions (min and max, NaN propagating) and no temporary copy; the
     offending index is only searched for when the check fails.
