@@ -181,6 +181,13 @@ def test_bad_flags_fail_before_reading(tmp_path, flags, message, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_pi0_fast_action_dim_must_be_positive(tmp_path, capsys):
+    code = cli(["convert", "openpi", str(tmp_path / "x.npz"), "--model", "pi0_fast",
+                "--action-horizon", "4", "--action-dim", "0", "--output", str(tmp_path / "o.keras")])
+    assert "--action-dim must be an integer >= 1, got 0." in _one_line_error(capsys, code)
+    assert os.listdir(tmp_path) == []
+
+
 def test_api_checks_the_same_settings(openpi_fixture):
     path = openpi_fixture("pi0").path
     with pytest.raises(ValueError, match=r"lora_scale must be a finite number > 0 .*, got nan\."):
