@@ -23,7 +23,8 @@ def _image(episode, step):
     return rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
 
 
-def _episodes():
+def _episodes(nan_action=None):
+    """The toy episodes; `nan_action=(episode, step, dim)` puts a NaN into one action."""
     for e, length in enumerate(LENGTHS):
         steps = [
             {
@@ -40,6 +41,8 @@ def _episodes():
             }
             for t in range(length)
         ]
+        if nan_action is not None and nan_action[0] == e:
+            steps[nan_action[1]]["action"][nan_action[2]] = np.nan
         yield (
             e,
             {
@@ -51,9 +54,11 @@ def _episodes():
         )
 
 
-@pytest.fixture(scope="module")
-def builders(tmp_path_factory):
+def _write_builders(tmp_path_factory, episodes):
+    """The episodes as `toy_robot` 1.0.0 in array_record and tfrecord: `{format: data_dir}`."""
     import tensorflow_datasets as tfds
+
+    episodes = list(episodes)
 
     features = tfds.features.FeaturesDict(
         {
@@ -81,13 +86,18 @@ def builders(tmp_path_factory):
             name="toy_robot",
             version="1.0.0",
             features=features,
-            split_datasets={"train": list(_episodes())},
+            split_datasets={"train": list(episodes)},
             data_dir=data_dir,
             file_format=file_format,
             disable_shuffling=True,
         )
         roots[file_format] = data_dir
     return roots
+
+
+@pytest.fixture(scope="module")
+def builders(tmp_path_factory):
+    return _write_builders(tmp_path_factory, _episodes())
 
 
 def _open(root, **options):
@@ -199,3 +209,22 @@ def test_norm_stats_command_on_rlds(builders, tmp_path):
     np.testing.assert_allclose(stats["state"].mean, states.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["state"].std, states.std(0), rtol=1e-5)
     assert stats["actions"].dim == 3
+
+
+def test_nan_in_an_episode_names_episode_step_and_feature(tmp_path_factory, tmp_path, capsys):
+    roots = _write_builders(tmp_path_factory, _episodes(nan_action=(1, 2, 1)))
+    builder = roots["array_record"] / "toy_robot" / "1.0.0"
+    expected = f"{builder} split 'train': episode 1 step 2 'action' holds nan at dimension 1"
+    data = _open(roots["array_record"])
+    data[0]  # episode 0 is clean
+    with pytest.raises(ValueError, match=expected):
+        data[LENGTHS[0]]  # any step of episode 1: the episode is checked when read
+    streamed = _open(roots["tfrecord"])
+    with pytest.raises(ValueError, match="episode 1 step 2 'action' holds nan at dimension 1"):
+        list(streamed.iterate())
+    output = tmp_path / "norm_stats.json"
+    capsys.readouterr()  # the builders' progress bars
+    assert cli.main(["norm-stats", str(builder), "--output", str(output), "--keys",
+                     "actions=action"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and not output.exists()

@@ -1,6 +1,7 @@
 """`keras-openpi convert openpi SRC ...`: an openpi checkpoint to a `.keras` file."""
 
 import os
+import tempfile
 
 
 def add_parser(subparsers):
@@ -33,47 +34,119 @@ def add_parser(subparsers):
         help="openpi LoRA alpha/rank for checkpoints with adapters (merged)",
     )
     parser.add_argument("--output", required=True, help="the .keras file to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file"
+    )
     return parser
 
 
+def _existing_ancestor(path):
+    """The nearest directory above `path` that exists (`path`'s parent when it exists)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def check_output(output, overwrite=False):
+    """Raises a `ValueError` unless `output` can be written, before anything is converted.
+
+    The output must end in `.keras`, not exist (unless `overwrite`), and
+    its nearest existing folder must be a folder that takes a new file
+    (probed by creating and removing one, which also catches read-only
+    file systems where permission bits say nothing).
+    """
+    if not output.endswith(".keras"):
+        raise ValueError(f"--output must end in .keras, got {output!r}.")
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a directory; give the .keras file to write.")
+    if os.path.lexists(output) and not overwrite:
+        raise ValueError(
+            f"--output {output} exists already; pass --overwrite to replace it "
+            "(it is replaced only once the new file is complete)."
+        )
+    folder = _existing_ancestor(output)
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write --output {output}: {folder} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".keras-openpi-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"cannot write --output {output}: {folder} does not take new files "
+            f"({error.strerror or error})."
+        ) from None
+
+
+def save_model(model, output):
+    """Writes `model` to `output` through a partial file, creating missing folders.
+
+    A failure (a full disk, a kill) leaves no partial file and no folder this created.
+    """
+    created, folder = [], os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    partial = output + ".partial.keras"
+    try:
+        for folder in reversed(created):
+            os.mkdir(folder)
+        model.save(partial)
+        os.replace(partial, output)
+    except OSError as error:
+        raise ValueError(
+            f"cannot write --output {output}: {error.strerror or error}; nothing was written."
+        ) from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+        if not os.path.exists(output):
+            for folder in created:
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
+
+
 def run(args):
+    from keras_openpi.convert import check_settings
     from keras_openpi.convert import pi0_fast_from_openpi
     from keras_openpi.convert import pi0_from_openpi
 
-    if not args.output.endswith(".keras"):
-        raise ValueError(f"--output must end in .keras, got {args.output!r}.")
+    check_settings(
+        flags=True,
+        action_horizon=args.action_horizon,
+        max_token_len=args.max_token_len,
+        lora_scale=args.lora_scale,
+    )
     if args.model == "pi0_fast":
         if args.action_dim is None:
             raise ValueError(
                 "--model pi0_fast needs --action-dim (the width of the decoded action chunks; "
                 "openpi's Pi0FASTConfig.action_dim, e.g. 8 for DROID, 7 for LIBERO)."
             )
+        check_settings(flags=True, action_dim=args.action_dim)
+    elif args.action_dim is not None:
+        raise ValueError(
+            f"--action-dim is for pi0_fast; a {args.model} checkpoint holds its action width."
+        )
+    check_output(args.output, args.overwrite)
+    # None: the model's default (48 pi0, 200 pi05, 250 pi0_fast); 0 was refused above.
+    tokens = {} if args.max_token_len is None else {"max_token_len": args.max_token_len}
+    if args.model == "pi0_fast":
         model = pi0_fast_from_openpi(
             args.source,
             action_dim=args.action_dim,
             action_horizon=args.action_horizon,
-            max_token_len=args.max_token_len or 250,
             lora_scale=args.lora_scale,
+            **tokens,
         )
     else:
-        if args.action_dim is not None:
-            raise ValueError(
-                f"--action-dim is for pi0_fast; a {args.model} checkpoint holds its action width."
-            )
         model = pi0_from_openpi(
             args.source,
             action_horizon=args.action_horizon,
-            max_token_len=args.max_token_len,
             model=args.model,
             lora_scale=args.lora_scale,
+            **tokens,
         )
-    # Write next to the target and rename, so that a failure leaves nothing behind.
-    partial = args.output + ".partial.keras"
-    try:
-        model.save(partial)
-        os.replace(partial, args.output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    save_model(model, args.output)
     print(f"wrote {args.output} ({model.count_params():,} parameters)")
     return 0

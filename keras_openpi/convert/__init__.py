@@ -1,5 +1,8 @@
 """Importing openpi checkpoints."""
 
+import math
+import numbers
+
 from keras_openpi.convert.openpi_params import load_openpi_params
 from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
 from keras_openpi.convert.pi0_fast_weights import openpi_model_type
@@ -35,6 +38,9 @@ def pi0_from_openpi(
 
     if model not in ("pi0", "pi05"):
         raise ValueError(f"model must be 'pi0' or 'pi05', got {model!r}.")
+    check_settings(
+        action_horizon=action_horizon, max_token_len=max_token_len, lora_scale=lora_scale
+    )
     params = load_openpi_params(source)
     _check_model_type(params, model, source)
     config = pi0_config_from_params(params)
@@ -71,6 +77,12 @@ def pi0_fast_from_openpi(
     """
     from keras_openpi.models import Pi0Fast
 
+    check_settings(
+        action_dim=action_dim,
+        action_horizon=action_horizon,
+        max_token_len=max_token_len,
+        lora_scale=lora_scale,
+    )
     params = load_openpi_params(source)
     _check_model_type(params, "pi0_fast", source)
     policy = Pi0Fast(
@@ -84,6 +96,31 @@ def pi0_fast_from_openpi(
     return policy
 
 
+def check_settings(flags=False, **settings):
+    """Raises a `ValueError` for a setting the checkpoint cannot be built with.
+
+    `action_dim`, `action_horizon` and `max_token_len` (None: the model's
+    default) must be integers >= 1; `lora_scale` a finite number > 0.
+
+    Args:
+        flags: name the settings as command-line flags (`--action-horizon`).
+        **settings: the values, by argument name.
+    """
+    for name, value in settings.items():
+        shown = "--" + name.replace("_", "-") if flags else name
+        if name == "lora_scale":
+            valid = isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+            expected = "a finite number > 0 (openpi's LoRA alpha / rank, 1.0 for its models)"
+        elif name == "max_token_len" and value is None:
+            continue
+        else:
+            valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            valid = valid and value >= 1
+            expected = "an integer >= 1"
+        if not valid:
+            raise ValueError(f"{shown} must be {expected}, got {value!r}.")
+
+
 def _check_model_type(params, model, source):
     found = openpi_model_type(params)
     if found != model:
@@ -95,6 +132,7 @@ def _check_model_type(params, model, source):
 
 
 __all__ = [
+    "check_settings",
     "load_openpi_params",
     "load_pi0_fast_weights",
     "load_pi0_weights",

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from keras_openpi.convert.openpi_params import check_weight
+
 # How `lora_a @ lora_b` maps onto each kind of openpi base weight (all arrays
 # carry a leading depth axis `l`), and whether openpi applies `alpha / rank` to
 # it (its feed-forward path does not).
@@ -52,5 +54,6 @@ def merge_openpi_lora(params, scale=1.0):
             lora_b = lora_b.sum(axis=1)
         delta = np.einsum(equation, lora_a, lora_b)
         merged[base_key] = params[base_key] + (scale if scaled else 1.0) * delta
+        check_weight(base_key, merged[base_key], f"the LoRA merge (lora_scale={scale})")
         del merged[key], merged[b_key]
     return merged

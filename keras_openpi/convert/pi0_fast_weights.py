@@ -57,7 +57,7 @@ def load_pi0_fast_weights(model, params, lora_scale=1.0):
     first. A missing or misshapen weight raises a `ValueError` naming the
     openpi path and the shapes, and leaves the model unchanged.
 
-    Returns:
-        the list of openpi paths that were not used.
+    Raises:
+        ValueError: a weight missing, misshapen, or in the checkpoint but unused.
     """
-    return assign_openpi_weights(model, params, pi0_fast_weight_map(model), lora_scale)
+    assign_openpi_weights(model, params, pi0_fast_weight_map(model), lora_scale)

@@ -217,10 +217,10 @@ def load_pi0_weights(model, params, lora_scale=1.0):
         params: flat openpi parameter dict (see `load_openpi_params`).
         lora_scale: openpi's LoRA `alpha / rank`.
 
-    Returns:
-        the list of openpi paths that were not used.
+    Raises:
+        ValueError: a weight missing, misshapen, or in the checkpoint but unused.
     """
-    return assign_openpi_weights(model, params, pi0_weight_map(model), lora_scale)
+    assign_openpi_weights(model, params, pi0_weight_map(model), lora_scale)
 
 
 def assign_openpi_weights(model, params, entries, lora_scale=1.0):
@@ -233,8 +233,10 @@ def assign_openpi_weights(model, params, entries, lora_scale=1.0):
             (entries naming weights the model lacks are skipped).
         lora_scale: openpi's LoRA `alpha / rank`.
 
-    Returns:
-        the list of openpi paths that were not used.
+    Raises:
+        ValueError: an openpi weight missing or misshapen for the model, a
+            model weight no entry fills, or a checkpoint weight no entry
+            uses (another model's checkpoint); the model is then unchanged.
     """
     params = merge_openpi_lora(params, lora_scale)
     variables = _keras_variables(model)
@@ -265,6 +267,13 @@ def assign_openpi_weights(model, params, entries, lora_scale=1.0):
     missing = [m for m in missing if "seed_generator" not in m]
     if missing:
         raise ValueError(f"No openpi weight maps to the model weights {missing}.")
+    unused = sorted(set(params) - used)
+    if unused:
+        shown = ", ".join(repr(u) for u in unused[:5]) + (", ..." if len(unused) > 5 else "")
+        raise ValueError(
+            f"the openpi checkpoint has {len(unused)} weights that a {type(model).__name__} of "
+            f"this architecture does not use: {shown}. It is most likely another model's "
+            "checkpoint (or a variant this version does not know); nothing was loaded."
+        )
     for keras_path, value in values.items():
         variables[keras_path].assign(np.asarray(value, dtype=variables[keras_path].dtype))
-    return sorted(set(params) - used)

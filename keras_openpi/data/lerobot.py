@@ -23,6 +23,9 @@ import threading
 
 import numpy as np
 
+from keras_openpi.data.finite import count_non_finite_rows
+from keras_openpi.data.finite import first_non_finite
+from keras_openpi.data.finite import within_frame
 from keras_openpi.data.lerobot_format import INDEX_FEATURES
 from keras_openpi.data.lerobot_format import LeRobotMetadata
 from keras_openpi.data.video import DEFAULT_TOLERANCE_S
@@ -79,17 +82,65 @@ def _column_to_numpy(column, name):
     return values.reshape((rows, *shape))
 
 
+def _reason(error):
+    """The first line of an error, for a one-line message."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _episode_list(indices):
+    """`episode 3`, `episodes 0-4` or `episodes 1, 5, 9`."""
+    indices = sorted(indices)
+    if len(indices) == 1:
+        return f"episode {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"episodes {indices[0]}-{indices[-1]}"
+    shown = ", ".join(str(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+    return f"episodes {shown}"
+
+
+def read_parquet_file(path, columns, holds):
+    """A parquet table with `columns`, or a one-line error naming the file and what it `holds`.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: it is not readable parquet, or lacks a column.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; it holds {holds}.")
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{path} ({holds}) has no column {missing[0]!r}; it has {names}.")
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(
+            f"{path} ({holds}) is not a readable parquet file: {_reason(error)}"
+        ) from None
+
+
 class _ImageColumn:
     """Lazily read `image` feature column: row groups read on demand, a few cached per thread."""
 
     def __init__(self, root, files, key, cache_size=4):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.key = key
         self.cache_size = cache_size
         self._files = []  # (global start, path, [row group starts])
         for path, start in files:
-            metadata = pq.ParquetFile(root / path).metadata
+            try:
+                metadata = pq.ParquetFile(root / path).metadata
+            except (OSError, pa.ArrowException) as error:
+                raise ValueError(
+                    f"{root / path} is not a readable parquet file: {_reason(error)}"
+                ) from None
             sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
             self._files.append((start, root / path, list(np.cumsum([0] + sizes[:-1]))))
         self._starts = [start for start, _, _ in self._files]
@@ -103,6 +154,7 @@ class _ImageColumn:
         self._local = threading.local()
 
     def _row_group(self, path, group):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         cache = getattr(self._local, "cache", None)
@@ -111,7 +163,10 @@ class _ImageColumn:
         if (path, group) not in cache:
             if len(cache) >= self.cache_size:
                 cache.popitem(last=False)
-            table = pq.ParquetFile(path).read_row_group(group, columns=[self.key])
+            try:
+                table = pq.ParquetFile(path).read_row_group(group, columns=[self.key])
+            except (OSError, pa.ArrowException) as error:
+                raise ValueError(f"{path}: cannot read {self.key!r}: {_reason(error)}") from None
             cache[(path, group)] = table.column(self.key).combine_chunks()
         cache.move_to_end((path, group))
         return cache[(path, group)]
@@ -191,49 +246,108 @@ class LeRobotDataset:
         self.keys += [k for k in self.delta if k not in self.keys]
         self._video_keys = [k for k in self.keys if features[k]["dtype"] == "video"]
         image_keys = [k for k in self.keys if features[k]["dtype"] == "image"]
+        # Row of each frame's episode, for chunk clamping and messages.
+        self._episode_of_row = np.repeat(
+            np.arange(len(self.meta.episodes)), [e.length for e in self.meta.episodes]
+        )
+        self._episode_position = {e.index: i for i, e in enumerate(self.meta.episodes)}
+        self._select(episodes)
         self._load_columns([k for k in self.keys if k not in self._video_keys + image_keys])
         files = self.meta.data_files()
         self._images = {key: _ImageColumn(self.root, files, key) for key in image_keys}
+        self._check_videos_exist()
         self._videos = VideoFrameReader(tolerance_s)
-        self._select(episodes)
 
     # === Loading ===
 
     def _load_columns(self, keys):
+        """Reads the numeric columns of every data file, checking each file and every value."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         columns = [*INDEX_FEATURES, *keys]
+        holds = {}
+        for episode in self.meta.episodes:
+            holds.setdefault(episode.data_path, []).append(episode)
         tables, offset = [], 0
         for path, start in self.meta.data_files():
+            episodes = holds[path]
+            names = _episode_list([e.index for e in episodes])
+            what = f"{names} of {self.root}"
             if start != offset:
                 raise ValueError(
                     f"{self.root / path} starts at frame {start} but the files before it end "
                     f"at frame {offset}: meta/episodes does not match data/."
                 )
-            table = pq.read_table(self.root / path, columns=columns)
-            tables.append(table)
+            table = read_parquet_file(self.root / path, columns, what)
+            expected = sum(e.length for e in episodes)
+            if table.num_rows != expected:
+                raise ValueError(
+                    f"{self.root / path} holds {table.num_rows} frames but meta/ lists {expected} "
+                    f"for its {names}: the file is truncated or meta/ is out of date."
+                )
+            try:
+                tables.append({n: _column_to_numpy(table.column(n), n) for n in columns})
+            except (ValueError, pa.ArrowException) as error:
+                raise ValueError(f"{self.root / path} ({what}): {_reason(error)}") from None
             offset += table.num_rows
-        table = pa.concat_tables(tables)
-        if table.num_rows != self.meta.total_frames:
-            raise ValueError(
-                f"{self.root}: data/ holds {table.num_rows} frames but meta/ lists "
-                f"{self.meta.total_frames}."
-            )
-        self._columns = {name: _column_to_numpy(table.column(name), name) for name in columns}
+        self._columns = {}
+        for name in columns:  # numpy promotes e.g. one file's float64 with the others' float32
+            shapes = {t[name].shape[1:] for t in tables}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"{self.root}: column {name!r} has frames of shapes {sorted(shapes)} in "
+                    "different data files."
+                )
+            self._columns[name] = np.concatenate([t[name] for t in tables])
         for name in keys:  # as LeRobot casts to info.json's dtypes
             dtype = self.meta.features[name]["dtype"]
+            raw = self._columns[name]
+            self._check_finite(name, raw)
             if dtype in _NUMERIC_DTYPES:
-                self._columns[name] = self._columns[name].astype(dtype)
-        # Row of each frame's episode start / stop, for chunk clamping.
-        self._episode_of_row = np.repeat(
-            np.arange(len(self.meta.episodes)), [e.length for e in self.meta.episodes]
+                with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                    self._columns[name] = raw.astype(dtype)
+                if self._columns[name].dtype != raw.dtype:  # e.g. float64 1e300 -> float32 inf
+                    self._check_finite(name, self._columns[name], f" (as info.json's {dtype})")
+        self._check_finite("timestamp", self._columns["timestamp"])
+
+    def _check_finite(self, name, values, cast=""):
+        """Raises a `ValueError` naming the file, episode, frame and key of the first NaN / inf.
+
+        Only the selected episodes count, so leaving bad ones out is a way around.
+        """
+        selected = values if self._selected is self.meta.episodes else values[self._rows]
+        bad = first_non_finite(selected)
+        if bad is None:
+            return
+        row = int(self._rows[bad[0][0]])
+        episode = self.meta.episodes[self._episode_of_row[row]]
+        count = count_non_finite_rows(selected)
+        raise ValueError(
+            f"{self.root / episode.data_path}: episode {episode.index} frame "
+            f"{row - episode.start} {name!r} holds {bad[1]}{within_frame(bad[0][1:])}{cast} "
+            f"({count} of {len(selected)} frames hold NaN or inf there). Fix the data, or leave "
+            "those episodes (episodes=[...]) or that feature (keys=[...]) out."
         )
-        self._episode_position = {e.index: i for i, e in enumerate(self.meta.episodes)}
+
+    def _check_videos_exist(self):
+        missing, total = [], 0
+        for episode in self._selected:
+            for key in self._video_keys:
+                total += 1
+                path = self.root / episode.videos[key][0]
+                if not path.is_file():
+                    missing.append((path, key, episode.index))
+        if missing:
+            path, key, index = missing[0]
+            raise FileNotFoundError(
+                f"{path} is missing: the {key!r} video of episode {index} ({len(missing)} of the "
+                f"{total} videos of the selected episodes are missing)."
+            )
 
     def _select(self, episodes):
         all_episodes = self.meta.episodes
         if episodes is None:
+            self._selected = all_episodes
             self._rows = np.arange(self.meta.total_frames)
             return
         missing = [e for e in episodes if e not in self._episode_position]
@@ -242,8 +356,8 @@ class LeRobotDataset:
                 f"{self.root}: no episode {missing[0]}; it has episodes "
                 f"{all_episodes[0].index}..{all_episodes[-1].index}."
             )
-        chosen = [all_episodes[self._episode_position[e]] for e in episodes]
-        self._rows = np.concatenate([np.arange(e.start, e.stop) for e in chosen])
+        self._selected = [all_episodes[self._episode_position[e]] for e in episodes]
+        self._rows = np.concatenate([np.arange(e.start, e.stop) for e in self._selected])
 
     # === Access ===
 
@@ -269,6 +383,18 @@ class LeRobotDataset:
         timestamps = self._columns["timestamp"][rows].astype(np.float64) + offset
         return self._videos.read(self.root / path, timestamps)
 
+    def _camera(self, key, episode, rows):
+        """(len(rows), H, W, 3) uint8 frames of a camera feature; errors name the episode."""
+        try:
+            if key in self._video_keys:
+                return self._video_frames(key, episode, rows)
+            return np.stack([self._images[key][int(r)] for r in rows])
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"episode {episode.index} frame {int(rows[0]) - episode.start} {key!r}: "
+                f"{_reason(error)}"
+            ) from None
+
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
             raise IndexError(f"frame {index} out of range for {len(self)} frames.")
@@ -281,10 +407,8 @@ class LeRobotDataset:
                 sample[f"{key}_is_pad"] = pad
             else:
                 rows = np.array([row])
-            if key in self._video_keys:
-                value = self._video_frames(key, episode, rows)
-            elif key in self._images:
-                value = np.stack([self._images[key][int(r)] for r in rows])
+            if key in self._video_keys or key in self._images:
+                value = self._camera(key, episode, rows)
             else:
                 value = self._columns[key][rows]
             sample[key] = value if key in self.delta else value[0]
@@ -309,10 +433,8 @@ class LeRobotDataset:
         rows = np.arange(episode.start, episode.stop)
         out = {}
         for key in self.keys:
-            if key in self._video_keys:
-                out[key] = self._video_frames(key, episode, rows)
-            elif key in self._images:
-                out[key] = np.stack([self._images[key][int(r)] for r in rows])
+            if key in self._video_keys or key in self._images:
+                out[key] = self._camera(key, episode, rows)
             else:
                 out[key] = self._columns[key][rows]
         out["task"] = [self.meta.tasks[int(i)] for i in self._columns["task_index"][rows]]

@@ -73,15 +73,33 @@ class Episode:
         return self.start + self.length
 
 
+def _read_text(path):
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; a LeRobot dataset needs it.")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as text: {error}") from None
+
+
 def read_json(path):
     try:
-        return json.loads(pathlib.Path(path).read_text())
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
+def record_field(item, name, where):
+    """`item[name]`, or a `ValueError` saying which record (`where`) lacks it."""
+    if not isinstance(item, dict) or name not in item:
+        has = sorted(item) if isinstance(item, dict) else type(item).__name__
+        raise ValueError(f"{where} has no {name!r}; it has {has}.")
+    return item[name]
+
+
 def read_jsonl(path):
-    lines = pathlib.Path(path).read_text().splitlines()
+    lines = _read_text(path).splitlines()
     out = []
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -123,9 +141,16 @@ def aggregate_stats(stats_list):
 
 
 def _read_parquet(path, columns=None):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=columns)
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing; a LeRobot v3 dataset needs it.")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path} is not a readable parquet file: {reason}") from None
 
 
 class LeRobotMetadata:
@@ -170,10 +195,10 @@ class LeRobotMetadata:
             self.tasks = self._v3_tasks()
             self.episodes = self._v3_episodes()
         else:
-            self.tasks = {
-                int(item["task_index"]): item["task"]
-                for item in read_jsonl(self.root / V2_TASKS_PATH)
-            }
+            path, self.tasks = self.root / V2_TASKS_PATH, {}
+            for i, item in enumerate(read_jsonl(path)):
+                index = record_field(item, "task_index", f"{path} entry {i}")
+                self.tasks[int(index)] = record_field(item, "task", f"{path} entry {i}")
             self.episodes = self._v2_episodes()
         self.stats = self._stats()
 
@@ -198,7 +223,12 @@ class LeRobotMetadata:
         return sum(e.length for e in self.episodes)
 
     def _v2_episodes(self):
-        items = sorted(read_jsonl(self.root / V2_EPISODES_PATH), key=lambda e: e["episode_index"])
+        path = self.root / V2_EPISODES_PATH
+        items = read_jsonl(path)
+        for i, item in enumerate(items):
+            for name in ("episode_index", "length"):
+                record_field(item, name, f"{path} entry {i}")
+        items = sorted(items, key=lambda e: e["episode_index"])
         chunk_size = int(self.info.get("chunks_size", DEFAULT_CHUNK_SIZE))
         video_path = self.info.get("video_path")
         episodes, start = [], 0
@@ -238,8 +268,15 @@ class LeRobotMetadata:
         if not files:
             raise FileNotFoundError(f"{self.root} has no {V3_EPISODES_DIR}/chunk-*/file-*.parquet.")
         rows = []
+        needed = ["episode_index", "dataset_from_index", "dataset_to_index", "data/chunk_index"]
+        needed += ["data/file_index"]
+        for key in self.video_keys:
+            needed += [f"videos/{key}/{n}" for n in ("chunk_index", "file_index", "from_timestamp")]
         for path in files:
-            rows.extend(_read_parquet(path).to_pylist())
+            for i, row in enumerate(_read_parquet(path).to_pylist()):
+                for name in needed:
+                    record_field(row, name, f"{path} row {i}")
+                rows.append(row)
         rows.sort(key=lambda r: r["episode_index"])
         episodes = []
         for row in rows:

@@ -19,6 +19,8 @@ import shutil
 
 import numpy as np
 
+from keras_openpi.data.finite import first_non_finite
+from keras_openpi.data.finite import within_frame
 from keras_openpi.data.lerobot_format import DEFAULT_CHUNK_SIZE
 from keras_openpi.data.lerobot_format import INDEX_FEATURES
 from keras_openpi.data.lerobot_format import V2_DATA_PATH
@@ -186,6 +188,12 @@ class LeRobotWriter:
                 raise ValueError(
                     f"episode {len(self._episodes)}: {key!r} has frames of shape {shape}, the "
                     f"feature says {tuple(feature['shape'])}."
+                )
+            bad = first_non_finite(episode[key])
+            if bad is not None:
+                raise ValueError(
+                    f"episode {len(self._episodes)} frame {bad[0][0]}: {key!r} holds {bad[1]}"
+                    f"{within_frame(bad[0][1:])}; a dataset must hold finite values."
                 )
         return length
 

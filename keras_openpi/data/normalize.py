@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from keras_openpi.data.finite import first_non_finite
+
 FILE_NAME = "norm_stats.json"
 # A dimension whose std or q99 - q01 is below this is reported as near-constant:
 # openpi's 1e-6 guard then dominates and the normalized values explode.
@@ -56,7 +58,25 @@ class NormStats:
                     f"({width if width is not None else 'd'}), got shape {value.shape}."
                 )
             width = value.shape[0]
+            bad = first_non_finite(value)
+            if bad is not None:
+                raise ValueError(
+                    f"NormStats {field!r} holds {bad[1]} at dimension {bad[0][0]}: norm stats "
+                    "must be finite (NaN or infinite values make every normalized value NaN)."
+                )
             object.__setattr__(self, field, value)
+        negative = np.flatnonzero(self.std < 0)
+        if negative.size:
+            i = int(negative[0])
+            raise ValueError(f"NormStats 'std' must be >= 0, got {self.std[i]} at dimension {i}.")
+        if self.q01 is not None and self.q99 is not None:
+            inverted = np.flatnonzero(self.q01 > self.q99)
+            if inverted.size:
+                i = int(inverted[0])
+                raise ValueError(
+                    f"NormStats 'q01' must not exceed 'q99', got {self.q01[i]} > {self.q99[i]} "
+                    f"at dimension {i}."
+                )
 
     @property
     def dim(self):
@@ -203,8 +223,12 @@ class RunningStats:
         batch = batch.reshape(-1, batch.shape[-1])
         if batch.shape[0] == 0:
             return
-        if not np.all(np.isfinite(batch)):
-            raise ValueError("RunningStats.update got NaN or infinite values.")
+        bad = first_non_finite(batch)
+        if bad is not None:
+            raise ValueError(
+                f"RunningStats.update got {bad[1]} (vector {bad[0][0]}, dimension {bad[0][1]}): "
+                "norm stats need finite values (NaN or infinite values make every statistic NaN)."
+            )
         if self._dim is None:
             self._start(batch)
         elif batch.shape[1] != self._dim:
@@ -301,6 +325,22 @@ class RunningStats:
         )
 
 
+def _sample_origin(sample, number, value, index):
+    """`sample 3 (episode 1, frame 7)`: where a sample, or a row of a batch, came from.
+
+    A batch (samples stacked by a loader) has 1-D `episode_index` /
+    `frame_index` as long as `value`'s first axis; `index[0]` is then the row.
+    """
+    origin, parts = f"sample {number}", []
+    for key, name in (("episode_index", "episode"), ("frame_index", "frame")):
+        where = np.asarray(sample.get(key, []))
+        if where.ndim == 1 and value.ndim > 1 and len(where) == value.shape[0]:
+            origin, where = f"sample {number} row {index[0]}", where[index[0]]
+        if where.ndim == 0 and where.dtype.kind in "iu":
+            parts.append(f"{name} {int(where)}")
+    return origin + (f" ({', '.join(parts)})" if parts else "")
+
+
 def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chunk_size=8192):
     """Norm stats of `keys` over an iterable of samples.
 
@@ -339,6 +379,13 @@ def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chu
             value = np.asarray(sample[key], dtype=np.float64)
             if value.ndim == 0:
                 raise ValueError(f"sample {seen}: {key!r} must have shape (..., d), got a scalar.")
+            bad = first_non_finite(value)
+            if bad is not None:
+                raise ValueError(
+                    f"{_sample_origin(sample, seen, value, bad[0])}: "
+                    f"{key!r} holds {bad[1]} at index {bad[0]}; norm stats need finite values "
+                    "(fix the data, or leave those frames out)."
+                )
             buffers[key].append(value.reshape(-1, value.shape[-1]))
             buffered[key] += buffers[key][-1].shape[0]
             if buffered[key] >= chunk_size:

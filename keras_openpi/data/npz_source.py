@@ -1,6 +1,11 @@
 """A `.npz` file of arrays as a source of samples (for norm stats and small datasets)."""
 
+import zipfile
+import zlib
+
 import numpy as np
+
+from keras_openpi.data.finite import first_non_finite
 
 
 class NpzSamples:
@@ -26,13 +31,25 @@ class NpzSamples:
         self.keys = dict(keys) if isinstance(keys, dict) else {k: k for k in keys}
         self.shuffle = shuffle
         self.seed = seed
-        with np.load(self.path) as data:
-            missing = [name for name in self.keys.values() if name not in data.files]
-            if missing:
+        if not zipfile.is_zipfile(self.path):
+            raise ValueError(f"{self.path} is not an .npz file (truncated, or another format).")
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                missing = [name for name in self.keys.values() if name not in data.files]
+                if missing:
+                    raise ValueError(
+                        f"{self.path} has no array {missing[0]!r}; it has {sorted(data.files)}."
+                    )
+                self._arrays = {key: data[name] for key, name in self.keys.items()}
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+            raise ValueError(f"{self.path} is damaged: {error}.") from None
+        for key, name in self.keys.items():
+            bad = first_non_finite(self._arrays[key])
+            if bad is not None:
                 raise ValueError(
-                    f"{self.path} has no array {missing[0]!r}; it has {sorted(data.files)}."
+                    f"{self.path}: array {name!r} row {bad[0][0]} holds {bad[1]} at index "
+                    f"{bad[0]}; the samples must be finite."
                 )
-            self._arrays = {key: data[name] for key, name in self.keys.items()}
         lengths = {
             key: array.shape[0] if array.ndim else None for key, array in self._arrays.items()
         }

@@ -36,8 +36,9 @@ import threading
 
 import numpy as np
 
+from keras_openpi.data.finite import first_non_finite
+from keras_openpi.data.finite import within_frame
 from keras_openpi.data.transforms import flatten_dict
-
 from keras_openpi.data.video import decode_image
 
 _MAX_STEPS = 1 << 30
@@ -248,18 +249,36 @@ class RldsDataset:
             )
         return int(self._starts[-1])
 
-    def _episode_arrays(self, index):
-        """`{flat step path: (T, ...) array}` of one episode (images encoded), cached per thread."""
+    def _episode_arrays(self, position):
+        """`{flat step path: (T, ...) array}` of the `position`-th episode (images encoded).
+
+        Checked finite when read; a few are cached per thread.
+        """
+        index = self._episodes[position]
         cache = getattr(self._local, "episodes", None)
         if cache is None:
             cache = self._local.episodes = collections.OrderedDict()
         if index not in cache:
             steps = self._source()[index]["steps"]
             flat = [flatten_dict(steps[t]) for t in range(len(steps))]
-            cache[index] = {k: _stack([f[k] for f in flat]) for k in flat[0]}
+            episode = {k: _stack([f[k] for f in flat]) for k in flat[0]}
+            self._check_finite(episode, position)
+            cache[index] = episode
             if len(cache) > 2:
                 cache.popitem(last=False)
         return cache[index]
+
+    def _check_finite(self, episode, position):
+        """Raises a `ValueError` naming the episode, step and feature of the first NaN / inf."""
+        for path in sorted({p for paths in self.keys.values() for p in paths}):
+            values = episode.get(path)
+            bad = None if values is None or values.dtype == object else first_non_finite(values)
+            if bad is not None:
+                raise ValueError(
+                    f"{self.builder_dir} split {self.split!r}: episode {position} step "
+                    f"{bad[0][0]} {path!r} holds {bad[1]}{within_frame(bad[0][1:])}; fix the "
+                    "data or filter that episode out (episode_filter)."
+                )
 
     def __getitem__(self, index):
         size = len(self)
@@ -267,7 +286,7 @@ class RldsDataset:
             raise IndexError(f"frame {index} out of range for {size} frames.")
         index %= size
         position = int(np.searchsorted(self._starts, index, side="right") - 1)
-        episode = self._episode_arrays(self._episodes[position])
+        episode = self._episode_arrays(position)
         return self._frame(episode, index - int(self._starts[position]), position)
 
     # === Samples ===
@@ -319,7 +338,7 @@ class RldsDataset:
             if shuffle:
                 order = np.random.default_rng(seed).permutation(order)
             for position in order:
-                yield int(position), self._episode_arrays(self._episodes[position])
+                yield int(position), self._episode_arrays(int(position))
             return
         tf, tfds = _tensorflow(), _tfds()
         file_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -342,7 +361,9 @@ class RldsDataset:
             metadata = episode.get("episode_metadata", {})
             if self.episode_filter is not None and not self.episode_filter(metadata):
                 continue
-            yield position, flatten_dict(episode["steps"])
+            steps = flatten_dict(episode["steps"])
+            self._check_finite(steps, position)
+            yield position, steps
             position += 1
 
     def iterate(self, shuffle=False, seed=0, buffer_size=1000):

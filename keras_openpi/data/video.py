@@ -91,7 +91,15 @@ class _OpenVideo:
     """One open file: its stream, the running decoder and the last decoded frame."""
 
     def __init__(self, path):
-        self.container = av.open(str(path))
+        try:
+            self.container = av.open(str(path))
+        except av.error.FFmpegError as error:
+            if isinstance(error, FileNotFoundError):
+                raise FileNotFoundError(f"{path}: no such video file.") from None
+            raise ValueError(f"{path}: cannot open the video: {error}") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise ValueError(f"{path}: the file holds no video stream.")
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"
         self.frames = None  # the running decode generator
@@ -202,7 +210,10 @@ def decode_image(data, name="image"):
     if codec is None:
         raise ValueError(f"{name!r}: expected PNG or JPEG bytes, got {data[:8]!r}...")
     context = av.CodecContext.create(codec, "r")
-    frames = context.decode(av.Packet(data)) + context.decode(None)
+    try:
+        frames = context.decode(av.Packet(data)) + context.decode(None)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"{name!r}: cannot decode the {codec} image: {error}") from None
     if not frames:
         raise ValueError(f"{name!r}: the {codec} bytes hold no image.")
     return frames[0].to_ndarray(format="rgb24")

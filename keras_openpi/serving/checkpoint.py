@@ -9,8 +9,7 @@ import dataclasses
 import pathlib
 from typing import Callable
 
-import keras
-
+from keras_openpi.convert.keras_file import load_keras_policy
 from keras_openpi.data.normalize import FILE_NAME as NORM_STATS_FILE
 from keras_openpi.data.normalize import load_norm_stats
 
@@ -43,7 +42,7 @@ CHECKPOINT_FORMATS = (
     CheckpointFormat(
         name=".keras file",
         matches=lambda path: path.is_file() and path.suffix == ".keras",
-        load_model=keras.saving.load_model,
+        load_model=lambda path: load_keras_policy(path, expected_classes=("Pi0",)),
         norm_stats_dirs=lambda path: [path.parent, path.parent / "assets"],
     ),
     CheckpointFormat(

@@ -15,10 +15,11 @@ import json
 import pathlib
 import shutil
 import warnings
-import zipfile
 
 import keras
 
+from keras_openpi.convert.keras_file import load_keras_weights
+from keras_openpi.convert.keras_file import read_keras_spec
 from keras_openpi.data.loader import DataLoader
 from keras_openpi.data.normalize import save_norm_stats
 from keras_openpi.training import data as training_data
@@ -65,12 +66,6 @@ def make_tokenizer(config, settings):
     if config.tokenizer == "byte":
         return ByteTokenizer(settings["max_token_len"])
     return PaligemmaTokenizer(config.tokenizer, max_len=settings["max_token_len"])
-
-
-def keras_file_spec(path):
-    """The model config (class and arguments) stored in a `.keras` file, without loading weights."""
-    with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read("config.json"))
 
 
 @contextlib.contextmanager
@@ -193,7 +188,7 @@ class Trainer:
             spec = json.loads((self.manager.step_dir(self.start_step) / MODEL_FILE).read_text())
             return spec["config"]
         if config.weights and config.weights.endswith(".keras"):
-            return keras_file_spec(config.weights)["config"]
+            return read_keras_spec(config.weights, expected_classes=("Pi0",))["config"]
         if config.weights:
             return self._openpi_params()[1]
         return {}
@@ -248,11 +243,11 @@ class Trainer:
             return keras.saving.deserialize_keras_object(spec)
         settings = dict(self.settings, seed=config.seed, augment=config.augment)
         if config.weights and config.weights.endswith(".keras"):
-            spec = keras_file_spec(config.weights)
+            spec = read_keras_spec(config.weights, expected_classes=("Pi0",))
             spec["config"].update(seed=config.seed, augment=config.augment)
             model = keras.saving.deserialize_keras_object(spec)
             if load_weights:
-                model.load_weights(config.weights)
+                load_keras_weights(model, config.weights, expected_classes=("Pi0",))
         elif config.weights:
             from keras_openpi.convert import load_pi0_weights
 
