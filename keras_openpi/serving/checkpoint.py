@@ -11,6 +11,7 @@ from typing import Callable
 
 import keras
 
+import keras_openpi.models  # noqa: F401  registers the classes a .keras file names
 from keras_openpi.data.normalize import FILE_NAME as NORM_STATS_FILE
 from keras_openpi.data.normalize import load_norm_stats
 
