@@ -7,29 +7,35 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = pathlib.Path(
-    os.environ.get("KERAS_OPENPI_FIXTURES", REPO.parent / "shared" / "fixtures" / "openpi")
-)
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "openpi"
+# Each fixture's inputs live in a file of their own (every file under 5 MB);
+# π0, π0.5 and π0 LoRA share theirs (see tests/fixtures/openpi/README.md).
+INPUTS = {"pi0": "pi0_inputs", "pi05": "pi0_inputs", "pi0_lora": "pi0_inputs",
+          "pi0_fast": "pi0_fast_inputs"}
 
 
 def fixture_path(name):
     path = FIXTURES / name
     if not path.exists():
         raise FileNotFoundError(
-            f"openpi fixture {path} not found: the parity tests need ../shared/fixtures/openpi "
-            "next to the repository (or KERAS_OPENPI_FIXTURES)."
+            f"openpi fixture {path} not found: tests/fixtures/openpi/generate.py regenerates it."
         )
     return path
 
 
 class Fixture:
-    """One openpi reference file: its inputs as an observation, outputs, meta."""
+    """One openpi reference: its inputs as an observation, outputs, meta.
+
+    `path` is its `<name>.npz` (parameters, outputs, meta), the file the
+    importers read; the inputs are merged in from their own file.
+    """
 
     def __init__(self, name):
         self.path = fixture_path(f"{name}.npz")
-        with np.load(self.path) as data:
-            self.data = {k: data[k] for k in data.files}
+        self.data = {}
+        for path in (self.path, fixture_path(f"{INPUTS[name]}.npz")):
+            with np.load(path) as data:
+                self.data.update({k: data[k] for k in data.files})
         self.meta = eval(str(self.data["meta"]))  # a repr'd dict of plain values
         self.image_keys = sorted(
             k[len("input/images/") :] for k in self.data if k.startswith("input/images/")

@@ -1,4 +1,4 @@
-"""π0-FAST against openpi's own JAX outputs (../shared/fixtures/openpi/pi0_fast.npz), float32, 1e-4."""
+"""π0-FAST against openpi's own JAX outputs (tests/fixtures/openpi/pi0_fast.npz), float32, 1e-4."""
 
 import keras
 import numpy as np

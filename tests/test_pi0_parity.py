@@ -1,4 +1,4 @@
-"""π0 / π0.5 against openpi's own JAX outputs (../shared/fixtures/openpi), float32, 1e-4."""
+"""π0 / π0.5 against openpi's own JAX outputs (tests/fixtures/openpi), float32, 1e-4."""
 
 import keras
 import numpy as np

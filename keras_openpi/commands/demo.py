@@ -9,16 +9,15 @@ import os
 import time
 import warnings
 
-import keras
 import numpy as np
 
-from keras_openpi.backend import CompiledProgram
 from keras_openpi.data.procedural import STATE_NAMES
 from keras_openpi.data.procedural import make_reach_episode
 from keras_openpi.data.procedural import make_reach_episodes
 from keras_openpi.data.procedural import reach_batch
-from keras_openpi.models.pi0 import Pi0
-from keras_openpi.tokenizers import ByteTokenizer
+
+# Keras and the model are imported where they are used: `keras-openpi --help`
+# builds this command's parser without them.
 
 HELD_OUT_START = 1_000_000  # episode indices of the held-out split
 HELD_OUT_EPISODES = 4
@@ -61,6 +60,8 @@ def run(args):
 
 
 def _take(observation, count):
+    import keras
+
     return keras.tree.map_structure(lambda x: x[:count], observation)
 
 
@@ -76,6 +77,8 @@ def _training_data(steps, batch_size, seed, tokenizer, config):
 
 def _held_out_loss_fn(model, observation, actions, noise, time_):
     """A function giving `model`'s mean flow-matching loss with fixed noise and time (compiled once)."""
+    from keras_openpi.backend import CompiledProgram
+
     program = CompiledProgram(model, model.flow_matching_loss)
     return lambda: float(np.mean(np.asarray(program(observation, actions, noise, time_))))
 
@@ -126,6 +129,11 @@ def run_demo(
     >>> result["loss_after"] < result["loss_before"]
     True
     """
+    import keras
+
+    from keras_openpi.models.pi0 import Pi0
+    from keras_openpi.tokenizers import ByteTokenizer
+
     if steps < 1 or batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}.")
     if not output.endswith(".keras"):

@@ -94,10 +94,9 @@ def run(args):
     from keras_openpi.serving import PolicyRecorder
     from keras_openpi.serving import PolicyServer
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    # INFO for keras_openpi's own lines; other libraries (JAX, websockets) warnings only.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("keras_openpi").setLevel(logging.INFO)
     check_args(args)
     policy = Policy.from_checkpoint(
         args.model,

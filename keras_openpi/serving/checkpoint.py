@@ -9,6 +9,7 @@ import dataclasses
 import pathlib
 from typing import Callable
 
+import keras_openpi.models  # noqa: F401  registers the classes a .keras file names
 from keras_openpi.convert.keras_file import load_keras_policy
 from keras_openpi.data.normalize import FILE_NAME as NORM_STATS_FILE
 from keras_openpi.data.normalize import load_norm_stats
