@@ -192,7 +192,9 @@ def manifest_problem(directory, fmt, required=(), checksums=False, **fields):
             return f"{name} is missing"
         size = path.stat().st_size
         if size != entry.get("bytes"):
-            return f"{name} has {size} bytes, {MANIFEST_FILE} lists {entry.get('bytes')} (truncated?)"
+            return (
+                f"{name} has {size} bytes, {MANIFEST_FILE} lists {entry.get('bytes')} (truncated?)"
+            )
         if checksums and sha256(path) != entry.get("sha256"):
             return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupt)"
     return None

@@ -96,7 +96,9 @@ def test_a_corrupt_file_is_named_and_loading_falls_back(tmp_path, name):
     problem = f"{name} does not match its sha256 in manifest.json (corrupt)"
     assert checkpoint_problem(tmp_path / "6") is None  # same size: only the checksum tells
     assert checkpoint_problem(tmp_path / "6", checksums=True) == problem
-    with pytest.warns(UserWarning, match=rf"using checkpoint 4; skipped 6 \({re.escape(problem)}\)"):
+    with pytest.warns(
+        UserWarning, match=rf"using checkpoint 4; skipped 6 \({re.escape(problem)}\)"
+    ):
         assert find_step_dir(tmp_path) == tmp_path / "4"
     with pytest.raises(CheckpointError, match=rf"/6 is not complete: {re.escape(problem)}\.$"):
         find_step_dir(tmp_path / "6")

@@ -15,7 +15,6 @@ import pytest
 
 from keras_openpi.cli import main
 from keras_openpi.training import CheckpointManager
-from keras_openpi.training import CheckpointWriteError
 from keras_openpi.training import Trainer
 from keras_openpi.training import export as export_module
 from keras_openpi.training import read_metrics
@@ -66,7 +65,9 @@ def test_an_incomplete_newest_checkpoint_is_skipped_and_nothing_is_lost(finished
     assert f"moved {run / '8'} to {run / '8.skipped'}" in lines
     assert any(line.startswith("resuming at step 6: 2 steps to step 8 of 8") for line in lines)
     assert result["step"] == 8
-    assert sorted((run / "8.skipped").iterdir()) and not (run / "8.skipped" / "optimizer.npz").exists()
+    assert (
+        sorted((run / "8.skipped").iterdir()) and not (run / "8.skipped" / "optimizer.npz").exists()
+    )
     assert CheckpointManager(run).steps() == [4, 6, 8]  # the new 8 is kept, nothing pruned early
     # metrics.csv is whole (steps 7 and 8 trained again, exactly as before); the first
     # attempt's rows 7-8 are kept in metrics_superseded.csv.
@@ -91,7 +92,8 @@ def test_a_corrupt_checkpoint_file_is_named_and_resume_falls_back(run, tmp_path,
     assert lines[:2] == [
         f"checkpoint {run / '8'} is not usable: {name} does not match its sha256 in "
         "manifest.json (corrupt)",
-        "resuming from step 6, the newest complete checkpoint; the newer ones move to <step>.skipped",
+        "resuming from step 6, the newest complete checkpoint; the newer ones move to "
+        "<step>.skipped",
     ]
     assert (run / "8").is_dir()  # moved aside only when training starts
 
@@ -140,7 +142,8 @@ def test_an_interrupted_export_is_redone(finished, run, tmp_path, monkeypatch):
     assert code == 1
     assert re.fullmatch(
         rf"keras-openpi export-policy: error: the policy was not exported: No space left on "
-        rf"device while writing {re.escape(str(run))}/\.partial-export-[0-9a-f]{{8}}/manifest\.json; "
+        rf"device while writing {re.escape(str(run))}/\.partial-export-[0-9a-f]{{8}}/"
+        rf"manifest\.json; "
         rf"nothing of it was left behind and {re.escape(str(run / 'export'))} is as it was\.\n",
         err,
     ), err

@@ -1,4 +1,4 @@
-"""`keras-openpi export-policy RUN_DIR`: (re)write a run's served-ready export from its checkpoint."""
+"""`keras-openpi export-policy RUN_DIR`: (re)write a run's served-ready export from a checkpoint."""
 
 
 def add_parser(subparsers):

@@ -85,6 +85,7 @@ def run(args):
     try:
         result = trainer.run()
     except (TrainingStopped, CheckpointWriteError) as error:
+        print(flush=True)  # end the progress bar's line
         print(f"keras-openpi train: error: {error}", file=sys.stderr)
         return 1
     if result["history"] is None:

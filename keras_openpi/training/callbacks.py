@@ -1,4 +1,4 @@
-"""Callbacks of a training run: per-step metrics (CSV, TensorBoard), a non-finite guard, checkpoints."""
+"""Callbacks of a training run: per-step metrics (CSV, TensorBoard), a NaN guard, checkpoints."""
 
 import csv
 import math

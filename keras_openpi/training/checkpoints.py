@@ -194,7 +194,11 @@ class CheckpointManager:
         weights = {k: _host_value(v) for k, v in by_path(model.variables, "model").items()}
         ema = {variable.path: _host_value(average) for variable, average in _ema_pairs(model)}
         optimizer = {k: _host_value(v) for k, v in _optimizer_variables(model).items()}
-        for what, arrays in (("weight", weights), ("EMA weight", ema), ("optimizer value", optimizer)):
+        for what, arrays in (
+            ("weight", weights),
+            ("EMA weight", ema),
+            ("optimizer value", optimizer),
+        ):
             name = first_non_finite(arrays)
             if name is not None:
                 raise NonFiniteError(
@@ -306,7 +310,11 @@ class CheckpointManager:
             return steps[-1]
         if int(step) not in steps:
             problem = checkpoint_problem(self.step_dir(step))
-            why = f" (checkpoint {step}: {problem})" if problem and self.step_dir(step).exists() else ""
+            why = (
+                f" (checkpoint {step}: {problem})"
+                if problem and self.step_dir(step).exists()
+                else ""
+            )
             raise FileNotFoundError(
                 f"no complete checkpoint of step {step} in {self.directory}{why}; the complete "
                 f"ones are {steps}."
@@ -341,7 +349,9 @@ class CheckpointManager:
         files = manifest_files(path)
         optimizer = getattr(model, "optimizer", None)
         if OPTIMIZER_FILE in files and optimizer is None:
-            raise CheckpointError(f"{path} holds optimizer state; compile the model before restoring.")
+            raise CheckpointError(
+                f"{path} holds optimizer state; compile the model before restoring."
+            )
         if OPTIMIZER_FILE not in files and optimizer is not None:
             raise CheckpointError(
                 f"{path} holds no {OPTIMIZER_FILE}: restoring it would restart the optimizer "

@@ -145,12 +145,24 @@ def compute_config_norm_stats(config, source, transforms, log=print):
     return stats
 
 
+def check_sample(sample):
+    """Raises a one-line ValueError unless the sample has `state` and `actions` vectors."""
+    for key in NORM_STATS_KEYS:
+        if key not in sample:
+            raise ValueError(
+                f"the data has no {key!r} after the repack and robot transforms (it has "
+                f"{sorted(sample)}): check data.repack and data.robot."
+            )
+        if np.ndim(sample[key]) < 1:
+            raise ValueError(f"the data's {key!r} is a scalar; expected a vector per frame.")
+
+
 def check_norm_stats(norm_stats, sample, origin):
     """Raises a one-line ValueError unless the stats are this data's: keys, dims, finite values.
 
     Args:
         norm_stats: `{key: NormStats}`.
-        sample: a sample after the repack and robot transforms.
+        sample: a sample after the repack and robot transforms (`check_sample` passed).
         origin: where the stats came from (for the message).
     """
     for key in NORM_STATS_KEYS:
@@ -158,11 +170,6 @@ def check_norm_stats(norm_stats, sample, origin):
             raise ValueError(
                 f"the norm stats from {origin} have no {key!r} (they have {sorted(norm_stats)}): "
                 "they are not this data's; recompute them (delete the file or set data.norm_stats)."
-            )
-        if key not in sample:
-            raise ValueError(
-                f"the data has no {key!r} after the repack and robot transforms (it has "
-                f"{sorted(sample)}): check data.repack and data.robot."
             )
         width = np.shape(sample[key])[-1]
         stats = norm_stats[key]

@@ -1,4 +1,4 @@
-"""The served-ready export of a run: `export/policy.keras` and its `norm_stats.json`, written atomically.
+"""A run's served-ready export: `export/policy.keras` and its `norm_stats.json`, written atomically.
 
     <checkpoint_dir>/export/
       policy.keras        the policy (EMA weights when on, no optimizer state)
@@ -55,7 +55,7 @@ def without_training_state(model):
 
 
 def first_non_finite_variable(model):
-    """The path of the model's first float variable holding NaN or inf, or None (checked on device)."""
+    """The path of the model's first float variable holding NaN or inf, or None."""
     for variable in model.variables:
         if "float" in keras.backend.standardize_dtype(variable.dtype):
             if not bool(keras.ops.all(keras.ops.isfinite(variable.value))):
@@ -93,8 +93,8 @@ def export_policy(model, norm_stats, directory, step=None, source=None):
         )
     if directory.exists() and not is_export_dir(directory):
         raise ValueError(
-            f"{directory} holds files that are not an export's ({sorted(os.listdir(directory))[:5]}): "
-            "choose an empty or new folder."
+            f"{directory} holds files that are not an export's "
+            f"({sorted(os.listdir(directory))[:5]}): choose an empty or new folder."
         )
     partial = directory.with_name(f".partial-{directory.name}-{uuid.uuid4().hex[:8]}")
     path, replaced = directory.parent, None
@@ -132,7 +132,7 @@ def export_policy(model, norm_stats, directory, step=None, source=None):
 
 
 def export_step(directory):
-    """The checkpoint step a complete export in `directory` holds, or None (missing or incomplete)."""
+    """The checkpoint step of the complete export in `directory`, or None (missing, incomplete)."""
     directory = pathlib.Path(directory)
     if manifest_problem(directory, EXPORT_FORMAT, (EXPORT_MODEL,)) is not None:
         return None
@@ -140,12 +140,14 @@ def export_step(directory):
 
 
 def checkpoint_norm_stats(step_dir):
-    """The `{key: NormStats}` a checkpoint carries (`assets/<asset_id>/norm_stats.json`), or None."""
+    """The `{key: NormStats}` of a checkpoint (`assets/<asset_id>/norm_stats.json`), or None."""
     from keras_openpi.data.normalize import load_norm_stats
 
     files = sorted((pathlib.Path(step_dir) / ASSETS_DIR).glob(f"*/{NORM_STATS_FILE}"))
     if len(files) > 1:
-        raise CheckpointError(f"{step_dir} holds several norm stats files: {[str(f) for f in files]}.")
+        raise CheckpointError(
+            f"{step_dir} holds several norm stats files: {[str(f) for f in files]}."
+        )
     return load_norm_stats(files[0]) if files else None
 
 

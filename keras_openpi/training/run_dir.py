@@ -66,6 +66,7 @@ def _is_checkpoint_tree(path):
 
 def is_export_dir(path):
     """Whether `path` is a folder holding only an export's files."""
+
     def allowed(relative):
         name = relative.name
         return len(relative.parts) == 1 and (
@@ -115,7 +116,9 @@ def check_overwritable(directory):
         raise ValueError(f"--checkpoint-dir {directory} is a file, not a directory.")
     ours, unknown = run_entries(directory)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        shown = ", ".join(unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
         raise ValueError(
             f"--overwrite removes only what keras-openpi train writes, and {directory} also holds "
             f"{shown}: move them away or choose another --checkpoint-dir."
@@ -124,7 +127,7 @@ def check_overwritable(directory):
 
 
 def remove_run_entries(directory, names):
-    """Removes the run's entries `names` from `directory` (each renamed away first, then deleted)."""
+    """Removes the run's entries `names` from `directory` (each renamed away, then deleted)."""
     directory = pathlib.Path(directory)
     for name in names:
         path = directory / name
@@ -139,7 +142,7 @@ def remove_run_entries(directory, names):
 
 
 def move_aside(step_dir):
-    """Renames a checkpoint a resume skips to `<step>.skipped` (or `.skipped-N`); returns the path."""
+    """Renames a checkpoint a resume skips to `<step>.skipped` (`.skipped-N`); returns the path."""
     step_dir = pathlib.Path(step_dir)
     target = step_dir.with_name(f"{step_dir.name}.skipped")
     number = 1

@@ -81,9 +81,16 @@ def make_tokenizer(config, settings):
 
 
 def keras_file_spec(path):
-    """The model config (class and arguments) stored in a `.keras` file, without loading weights."""
-    with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read("config.json"))
+    """The model config (class and arguments) stored in a `.keras` file, without loading weights.
+
+    Raises:
+        ValueError: `path` is not a readable `.keras` file (named).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"weights {path} is not a readable .keras file: {error}") from None
 
 
 class Trainer:
@@ -165,6 +172,7 @@ class Trainer:
         self.source = training_data.open_source(config, self.settings["action_horizon"])
         robot = training_data.robot_transforms(config)
         sample = training_data.first_sample(self.source, robot.inputs)
+        training_data.check_sample(sample)
         architecture = self._architecture()
         self.settings.update({k: v for k, v in architecture.items() if k in self.settings})
         self.tokenizer = make_tokenizer(config, self.settings)
@@ -263,7 +271,11 @@ class Trainer:
         if changes:
             listed = "; ".join(f"{key} {a!r} (was {b!r})" for key, a, b in changes)
             self.log(f"resuming with changed settings: {listed}")
-        self.resume_state, self.resume_dir, self.start_step = point.state, point.step_dir, point.step
+        self.resume_state, self.resume_dir, self.start_step = (
+            point.state,
+            point.step_dir,
+            point.step,
+        )
         self.skipped_checkpoints = [directory / str(step) for step, _ in point.skipped]
 
     # === Model ===
@@ -413,7 +425,7 @@ class Trainer:
         return history
 
     def export(self, directory=None):
-        """Writes the policy (`policy.keras`, EMA weights when on) and its `norm_stats.json`, atomically.
+        """Writes the policy (`policy.keras`, EMA weights when on) and its norm stats, atomically.
 
         `keras-openpi serve DIR/policy.keras` serves it (the norm stats next to it are found).
 
