@@ -34,10 +34,15 @@ def read_metrics(path):
     """
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
-    return [
-        {k: int(v) if k == "step" else (float(v) if v else None) for k, v in row.items()}
-        for row in rows
-    ]
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            out.append(
+                {k: int(v) if k == "step" else (float(v) if v else None) for k, v in row.items()}
+            )
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} line {line} is not a row of numbers: {row}") from None
+    return out
 
 
 class _StepCounter(keras.callbacks.Callback):

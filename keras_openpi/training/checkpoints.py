@@ -102,7 +102,7 @@ def model_spec(model):
     return spec
 
 
-def _process_index():
+def process_index():
     if keras.backend.backend() == "jax":
         import jax
 
@@ -110,7 +110,8 @@ def _process_index():
     return 0
 
 
-def _sync(name):
+def sync_processes(name):
+    """Waits for every process (on several hosts); a no-op on one."""
     if keras.backend.backend() == "jax":
         import jax
 
@@ -217,11 +218,11 @@ class CheckpointManager:
             **(extra_state or {}),
         }
         final = self.step_dir(step)
-        if _process_index() == 0:
+        if process_index() == 0:
             arrays = {WEIGHTS_FILE: weights, EMA_FILE: ema, OPTIMIZER_FILE: optimizer}
             self._write(step, final, model, arrays, norm_stats, asset_id, state)
             self.prune(keep=step)
-        _sync(f"keras_openpi_checkpoint_{step}")
+        sync_processes(f"keras_openpi_checkpoint_{step}")
         return final
 
     def _write(self, step, final, model, arrays, norm_stats, asset_id, state):

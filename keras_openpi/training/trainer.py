@@ -32,6 +32,8 @@ from keras_openpi.training.callbacks import CheckpointSaver
 from keras_openpi.training.callbacks import MetricsLogger
 from keras_openpi.training.callbacks import NonFiniteGuard
 from keras_openpi.training.checkpoints import CheckpointManager
+from keras_openpi.training.checkpoints import process_index
+from keras_openpi.training.checkpoints import sync_processes
 from keras_openpi.training.distribution import check_batch_size
 from keras_openpi.training.distribution import make_distribution
 from keras_openpi.training.distribution import training_devices
@@ -43,7 +45,7 @@ from keras_openpi.training.resume import check_resume_settings
 from keras_openpi.training.resume import choose_checkpoint
 from keras_openpi.training.run_dir import CONFIG_FILE
 from keras_openpi.training.run_dir import EXPORT_DIR
-from keras_openpi.training.run_dir import EXPORT_MODEL  # noqa: F401 (the export's file name)
+from keras_openpi.training.run_dir import EXPORT_MODEL
 from keras_openpi.training.run_dir import check_overwritable
 from keras_openpi.training.run_dir import move_aside
 from keras_openpi.training.run_dir import remove_run_entries
@@ -337,9 +339,11 @@ class Trainer:
         if not self.prepared:
             self.prepare()
         config = self.config
-        remove_run_entries(self.checkpoint_dir, self.overwritten)
-        for step_dir in self.skipped_checkpoints:
-            self.log(f"moved {step_dir} to {move_aside(step_dir)}")
+        if process_index() == 0:
+            remove_run_entries(self.checkpoint_dir, self.overwritten)
+            for step_dir in self.skipped_checkpoints:
+                self.log(f"moved {step_dir} to {move_aside(step_dir)}")
+        sync_processes("keras_openpi_run_dir")
         keras.utils.set_random_seed(config.seed)
         self.distribution = self._distribution()
         with self._scope():
@@ -434,10 +438,13 @@ class Trainer:
         """
         directory = pathlib.Path(directory or self.checkpoint_dir / EXPORT_DIR)
         source = self.manager.step_dir(self.end_step)
-        path = export_policy(
-            self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
-        )
-        self.log(f"exported {path} and its norm_stats.json")
+        path = directory / EXPORT_MODEL
+        if process_index() == 0:
+            export_policy(
+                self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
+            )
+            self.log(f"exported {path} and its norm_stats.json")
+        sync_processes("keras_openpi_export")
         return path
 
     def run(self):
@@ -450,8 +457,12 @@ class Trainer:
         if not self.prepared:
             self.prepare()
         if self.export_only:
-            path, step, _ = export_checkpoint(self.checkpoint_dir)
-            self.log(f"exported {path} from checkpoint {step}")
+            step = self.start_step
+            path = self.checkpoint_dir / EXPORT_DIR / EXPORT_MODEL
+            if process_index() == 0:
+                export_checkpoint(self.checkpoint_dir, step=step)
+                self.log(f"exported {path} from checkpoint {step}")
+            sync_processes("keras_openpi_export")
             state = read_state(self.checkpoint_dir / str(step))
             return {
                 "step": step,
