@@ -46,6 +46,8 @@ EMA_FILE = "ema_weights.npz"
 OPTIMIZER_FILE = "optimizer.npz"
 ASSETS_DIR = "assets"
 REQUIRED_FILES = (MODEL_FILE, WEIGHTS_FILE, STATE_FILE)
+# Loading for inference reads no optimizer state, so it does not checksum it.
+INFERENCE_UNCHECKED = (OPTIMIZER_FILE,)
 _DTYPES_KEY = "__dtypes__"
 
 
@@ -122,6 +124,21 @@ def sha256(path):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+# sha256 of the files read in this process, by (path, size, mtime): a checkpoint that
+# serving loads and then searches for norm stats is read once.
+_DIGESTS = {}
+
+
+def _sha256(path):
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) > 256:
+            _DIGESTS.clear()
+        _DIGESTS[key] = sha256(path)
+    return _DIGESTS[key]
+
+
 def fsync_dir(path):
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -155,14 +172,15 @@ def write_manifest(directory, fmt=FORMAT, **fields):
     return manifest
 
 
-def manifest_problem(directory, fmt, required=(), checksums=False, **fields):
+def manifest_problem(directory, fmt, required=(), checksums=False, unchecked=(), **fields):
     """What keeps `directory` from being a complete folder of format `fmt`, or None.
 
     Args:
         directory: the folder.
         fmt: the format its manifest must name.
         required: files the manifest must list.
-        checksums: also compare every file's sha256 (reads them all).
+        checksums: also compare the files' sha256 (reads them).
+        unchecked: files whose sha256 `checksums` leaves out (their size is checked).
         **fields: entries the manifest must hold with these values (e.g. `step=1000`).
 
     Returns:
@@ -195,7 +213,7 @@ def manifest_problem(directory, fmt, required=(), checksums=False, **fields):
             return (
                 f"{name} has {size} bytes, {MANIFEST_FILE} lists {entry.get('bytes')} (truncated?)"
             )
-        if checksums and sha256(path) != entry.get("sha256"):
+        if checksums and name not in unchecked and _sha256(path) != entry.get("sha256"):
             return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupt)"
     return None
 
@@ -208,13 +226,15 @@ def manifest_files(directory):
 # === Checkpoints ===
 
 
-def checkpoint_problem(step_dir, checksums=False):
+def checkpoint_problem(step_dir, checksums=False, unchecked=()):
     """What keeps `step_dir` from being a complete checkpoint, or None.
 
     Args:
         step_dir: a `<step>` directory.
-        checksums: also compare every file's sha256 and parse `state.json`
-            (reads every file; the size check alone reads none).
+        checksums: also compare the files' sha256 and parse `state.json`
+            (reads the files; the size check alone reads none).
+        unchecked: files whose sha256 `checksums` leaves out, e.g. the
+            optimizer state when loading for inference.
 
     Returns:
         None, or one phrase naming the file and what is wrong with it, e.g.
@@ -223,7 +243,7 @@ def checkpoint_problem(step_dir, checksums=False):
     step_dir = pathlib.Path(step_dir)
     step = int(step_dir.name) if step_dir.name.isdigit() else None
     fields = {} if step is None else {"step": step}
-    problem = manifest_problem(step_dir, FORMAT, REQUIRED_FILES, checksums, **fields)
+    problem = manifest_problem(step_dir, FORMAT, REQUIRED_FILES, checksums, unchecked, **fields)
     if problem is None and checksums:
         try:
             state = read_json(step_dir / STATE_FILE)
@@ -273,13 +293,14 @@ def find_step_dir(path):
     """
     path = pathlib.Path(path)
     if is_step_dir(path):
-        problem = checkpoint_problem(path, checksums=True)
+        problem = checkpoint_problem(path, checksums=True, unchecked=INFERENCE_UNCHECKED)
         if problem:
             raise CheckpointError(f"checkpoint {path} is not complete: {problem}.")
         return path
     skipped = []
     for step in reversed(step_dirs(path)):
-        problem = checkpoint_problem(path / str(step), checksums=True)
+        step_dir = path / str(step)
+        problem = checkpoint_problem(step_dir, checksums=True, unchecked=INFERENCE_UNCHECKED)
         if problem is None:
             if skipped:
                 warnings.warn(

@@ -157,3 +157,13 @@ def test_serving_reads_the_format_without_importing_training():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_corrupt_optimizer_state_still_serves_but_is_not_resumed(tmp_path):
+    saved_run(tmp_path)
+    flip_last_byte(tmp_path / "6" / "optimizer.npz")
+    assert find_step_dir(tmp_path) == tmp_path / "6"  # inference reads no optimizer state
+    point = choose_checkpoint(tmp_path, end_step=10)
+    assert point.step == 4 and point.skipped == [
+        (6, "optimizer.npz does not match its sha256 in manifest.json (corrupt)")
+    ]
