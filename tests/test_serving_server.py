@@ -280,7 +280,7 @@ def test_bad_input_gets_an_error_frame_and_the_server_goes_on(served, bad_input_
     assert result["after"] == [4, 8]
     wait_for_log(
         served,
-        re.escape(f"WARNING keras_openpi.serving: 127.0.0.1:")
+        re.escape("WARNING keras_openpi.serving: 127.0.0.1:")
         + r"\d+ bad request: "
         + re.escape(reason),
     )

@@ -1,20 +1,26 @@
 """Checkpoints: atomic saves, retention, round trips, exact resume, metrics.csv, TensorBoard."""
 
 import dataclasses
+import errno
 import json
+import os
+import re
 import struct
 
 import keras
 import numpy as np
 import pytest
 
+from keras_openpi.checkpoint_format import OPTIMIZER_FILE
 from keras_openpi.data.normalize import NormStats
 from keras_openpi.models import Pi0
 from keras_openpi.training import AdamW
 from keras_openpi.training import CheckpointManager
+from keras_openpi.training import CheckpointWriteError
 from keras_openpi.training import Trainer
 from keras_openpi.training import WarmupCosineDecay
 from keras_openpi.training import checkpoints
+from keras_openpi.training import export_policy
 from keras_openpi.training import load_checkpoint_model
 from keras_openpi.training import read_metrics
 from keras_openpi.training.ema import ema_weights
@@ -48,33 +54,44 @@ def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
     assert manager.steps() == [4, 8, 9, 10]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "4", "8", "9"]
     assert CheckpointManager(tmp_path, keep_last=1).latest_step() == 10
+    # Never pruned: the checkpoint just written, even when it is not the newest.
+    manager.save(3, model)
+    assert manager.steps() == [3, 4, 8, 9, 10]
+    manager.prune()
+    assert manager.steps() == [4, 8, 9, 10]
 
 
-def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_full_disk_leaves_no_partial_folder_and_names_the_file(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path, keep_last=1)
     model = small_model(1.0)
     manager.save(1, model, norm_stats=STATS, asset_id="robot")
-    write = checkpoints._write_arrays
+    write = checkpoints.write_arrays
 
-    def crash_on_optimizer(path, arrays):
-        if path.name == checkpoints.OPTIMIZER_FILE:
-            raise OSError("disk full")
+    def disk_full_on_optimizer(path, arrays):
+        if path.name == OPTIMIZER_FILE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(path, arrays)
 
-    monkeypatch.setattr(checkpoints, "_write_arrays", crash_on_optimizer)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(checkpoints, "write_arrays", disk_full_on_optimizer)
+    with pytest.raises(CheckpointWriteError) as caught:
         manager.save(2, small_model(2.0))
     monkeypatch.undo()
-    assert manager.steps() == [1]
-    assert [
-        p.name for p in tmp_path.iterdir() if p.name.startswith(".partial-2-")
-    ]  # the half-written one
+    message = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC
+    assert re.fullmatch(
+        rf"checkpoint 2 was not written: No space left on device while writing "
+        rf"{re.escape(str(tmp_path))}/\.partial-2-[0-9a-f]{{8}}/optimizer\.npz; nothing of it was "
+        rf"left behind and the newest checkpoint is {re.escape(str(tmp_path / '1'))}\.",
+        message,
+    ), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # nothing half-written
     restored = small_model(9.0)
     state = manager.restore(restored)
     assert state["step"] == 1 and state["asset_id"] == "robot"
     assert all(np.all(v.numpy() == 1.0) for v in restored.variables)
     assert (tmp_path / "1" / "assets" / "robot" / "norm_stats.json").is_file()
-    manager.save(2, small_model(2.0))  # the next save clears the leftovers
+    (tmp_path / ".partial-2-0123abcd").mkdir()  # what a killed process leaves
+    manager.save(2, small_model(2.0))  # the next save clears it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
 
 
@@ -155,6 +172,8 @@ def test_resume_continues_exactly_and_metrics_are_logged(tmp_path):
 
     expected = read_metrics(tmp_path / "full" / "metrics.csv")
     got = read_metrics(metrics)
+    superseded = tmp_path / "resumed" / "metrics_superseded.csv"  # moved aside, not lost
+    assert superseded.read_text() == "step,loss,grad_norm,learning_rate\n5,9.0,9.0,9.0\n"
     assert metrics.read_text().splitlines()[0] == "step,loss,grad_norm,learning_rate"
     assert [row["step"] for row in got] == [row["step"] for row in expected] == list(range(1, 9))
     for row, want in zip(got, expected):
@@ -181,7 +200,7 @@ def test_resume_continues_exactly_and_metrics_are_logged(tmp_path):
     assert crc32c(b"123456789") == 0xE3069283
 
 
-def test_resume_refuses_a_finished_run_and_an_occupied_directory(tmp_path):
+def test_resume_refuses_a_finished_exported_run_and_an_occupied_directory(tmp_path):
     config = dataclasses.replace(tiny_demo_config(tmp_path), num_train_steps=2)
     manager = CheckpointManager(tmp_path / "run")
     manager.save(2, small_model())
@@ -189,5 +208,6 @@ def test_resume_refuses_a_finished_run_and_an_occupied_directory(tmp_path):
         ValueError, match=r"already holds checkpoints \(steps \[2\]\): pass --resume"
     ):
         Trainer(config, checkpoint_dir=tmp_path / "run", log=None).prepare()
-    with pytest.raises(ValueError, match="is at step 2 already"):
+    export_policy(small_model(), None, tmp_path / "run" / "export", step=2)
+    with pytest.raises(ValueError, match="is at step 2 already and exported to"):
         Trainer(config, checkpoint_dir=tmp_path / "run", resume=True, log=None).prepare()

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import io
+import json
 import zipfile
 
 import h5py
@@ -10,8 +11,6 @@ import numpy as np
 import pytest
 
 from keras_openpi.cli import main
-from keras_openpi.data.normalize import NormStats
-from keras_openpi.data.normalize import save_norm_stats
 from keras_openpi.data.procedural_source import ProceduralDataset
 from keras_openpi.serving import Policy
 from keras_openpi.training import CONFIGS
@@ -155,26 +154,44 @@ def test_data_weights_and_tokenizer_errors_name_the_setting(tmp_path):
     )
 
 
-def test_norm_stats_that_do_not_match_the_data_fail_before_building(tmp_path):
-    stats = tmp_path / "norm_stats.json"
-    save_norm_stats(
-        stats,
-        {
-            "state": NormStats(np.zeros(2), np.ones(2)),
-            "actions": NormStats(np.zeros(3), np.ones(3)),
-        },
-    )
+@pytest.mark.parametrize(
+    "stats, message",
+    [
+        (
+            {"state": (2, 0.0), "actions": (3, 0.0)},
+            "have 2 dims for 'state' but the data's 'state' has 3: recompute them (delete the "
+            "file or set data.norm_stats).",
+        ),
+        (
+            {"state": (3, 0.0), "actions": (9, 0.0)},
+            "have 9 dims for 'actions' but the data's 'actions' has 3: recompute them (delete the "
+            "file or set data.norm_stats).",
+        ),
+        (
+            {"state": (3, 0.0)},
+            "have no 'actions' (they have ['state']): they are not this data's; recompute them "
+            "(delete the file or set data.norm_stats).",
+        ),
+        (
+            {"state": (3, np.nan), "actions": (3, 0.0)},
+            "have a non-finite 'state' mean (nan at dim 0): recompute them.",
+        ),
+    ],
+)
+def test_norm_stats_that_do_not_match_the_data_fail_before_building(tmp_path, stats, message):
+    path = tmp_path / "norm_stats.json"
+    payload = {
+        key: {"mean": [mean] * dim, "std": [1.0] * dim} for key, (dim, mean) in stats.items()
+    }
+    path.write_text(json.dumps({"norm_stats": payload}))
     code, _, err = run_cli(
         "--config",
         "demo",
         "--checkpoint-dir",
         str(tmp_path / "run"),
-        *sets(*TINY_SETS, f"data.norm_stats={stats}"),
+        *sets(*TINY_SETS, f"data.norm_stats={path}"),
     )
-    assert code == 2 and err.strip() == (
-        f"keras-openpi train: error: the norm stats from {stats} have 2 dims for 'state' but the "
-        "data's 'state' has 3: recompute them (delete the file or set data.norm_stats)."
-    )
+    assert code == 2 and err == f"keras-openpi train: error: the norm stats from {path} {message}\n"
     assert not (tmp_path / "run").exists()
 
 

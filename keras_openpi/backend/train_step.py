@@ -32,11 +32,19 @@ class StepLogsMixin:
     gradients exist only inside it). On the other backends Keras' own step
     runs and the logs are Keras' (no `grad_norm` nor `learning_rate`).
 
+    With `skip_nonfinite_updates` set (before the first `fit`; JAX only), a
+    step whose loss or gradient norm is NaN or inf changes neither the
+    weights nor the optimizer's moments and EMA: the batch is consumed and
+    the step counted (the learning-rate schedule advances), the update is
+    dropped (a `where` in the compiled step, no host sync).
+
     Example:
     >>> class Regressor(StepLogsMixin, keras.Model): ...  # doctest: +SKIP
     >>> model.fit(x, y).history.keys()  # doctest: +SKIP
     dict_keys(['grad_norm', 'learning_rate', 'loss'])
     """
+
+    skip_nonfinite_updates = False
 
     def train_step(self, *args):
         if keras.backend.backend() != "jax":
@@ -69,7 +77,15 @@ def _jax_train_step(model, state, data):
     if optimizer.loss_scale_factor is not None:
         grad_norm = grad_norm / optimizer.loss_scale_factor
 
-    trainable, optimizer_values = optimizer.stateless_apply(optimizer_values, grads, trainable)
+    updated, updated_optimizer = optimizer.stateless_apply(optimizer_values, grads, trainable)
+    if model.skip_nonfinite_updates:
+        finite = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
+        updated = [ops.where(finite, new, old) for new, old in zip(updated, trainable)]
+        updated_optimizer = [
+            new if variable is optimizer.iterations else ops.where(finite, new, old)
+            for variable, new, old in zip(optimizer.variables, updated_optimizer, optimizer_values)
+        ]
+    trainable, optimizer_values = updated, updated_optimizer
     logs, metrics_values = model._update_metrics_variables(
         metrics_values, loss, x, y, y_pred, sample_weight
     )

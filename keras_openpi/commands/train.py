@@ -29,10 +29,16 @@ def add_parser(subparsers):
         help="the run's directory (default <checkpoint_base_dir>/<config>/<exp_name>)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in the checkpoint directory"
+        "--resume",
+        action="store_true",
+        help="continue the run in the checkpoint directory from its newest complete checkpoint "
+        "(a finished run whose export is missing is exported again)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="delete the checkpoint directory's run first"
+        "--overwrite",
+        action="store_true",
+        help="remove the previous run's checkpoints, metrics, logs and export first (a directory "
+        "holding other files is refused)",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
@@ -50,9 +56,12 @@ def list_configs():
 
 def run(args):
     import json
+    import sys
 
     from keras_openpi.training.config import apply_overrides
     from keras_openpi.training.config import get_config
+    from keras_openpi.training.errors import CheckpointWriteError
+    from keras_openpi.training.errors import TrainingStopped
     from keras_openpi.training.trainer import Trainer
 
     if args.list:
@@ -73,7 +82,20 @@ def run(args):
         overwrite=args.overwrite,
         max_steps=args.max_steps,
     )
-    result = trainer.run()
-    print(f"trained to step {result['step']}; checkpoints in {result['checkpoint_dir']}")
+    try:
+        result = trainer.run()
+    except (TrainingStopped, CheckpointWriteError) as error:
+        print(flush=True)  # end the progress bar's line
+        print(f"keras-openpi train: error: {error}", file=sys.stderr)
+        return 1
+    if result["history"] is None:
+        print(f"exported the finished run's step {result['step']} to {result['export']}")
+    else:
+        print(f"trained to step {result['step']}; checkpoints in {result['checkpoint_dir']}")
+    if result["skipped_steps"]:
+        print(
+            f"{result['skipped_steps']} steps had a non-finite loss or gradient norm and were "
+            "skipped (on_nonfinite=skip)"
+        )
     print(f"serve it: keras-openpi serve {result['export']}")
     return 0

@@ -2,7 +2,8 @@
 
 Each checkpoint format is one entry of `CHECKPOINT_FORMATS`: a `matches(path)`
 test, a `load_model(path)` and the directories where its norm stats may be.
-A new format (e.g. a training-checkpoint directory) is one more entry.
+A new format is one more entry. Training checkpoints are read through
+`keras_openpi.checkpoint_format`, the module both training and serving use.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import pathlib
 from typing import Callable
 
 import keras_openpi.models  # noqa: F401  registers the classes a .keras file names
+from keras_openpi import checkpoint_format
 from keras_openpi.convert.keras_file import load_keras_policy
 from keras_openpi.data.normalize import FILE_NAME as NORM_STATS_FILE
 from keras_openpi.data.normalize import load_norm_stats
@@ -33,12 +35,6 @@ class CheckpointFormat:
     norm_stats_dirs: Callable
 
 
-def _training_checkpoints():
-    from keras_openpi.training import checkpoints
-
-    return checkpoints
-
-
 CHECKPOINT_FORMATS = (
     CheckpointFormat(
         name=".keras file",
@@ -48,9 +44,9 @@ CHECKPOINT_FORMATS = (
     ),
     CheckpointFormat(
         name="training checkpoint directory",
-        matches=lambda path: _training_checkpoints().is_training_checkpoint(path),
-        load_model=lambda path: _training_checkpoints().load_checkpoint_model(path),
-        norm_stats_dirs=lambda path: _training_checkpoints().checkpoint_norm_stats_dirs(path),
+        matches=checkpoint_format.is_training_checkpoint,
+        load_model=checkpoint_format.load_checkpoint_model,
+        norm_stats_dirs=checkpoint_format.norm_stats_dirs,
     ),
 )
 

@@ -1,22 +1,11 @@
-"""Training checkpoints: atomic step directories with everything an exact resume needs.
+"""Writing, pruning and restoring the step checkpoints of a training run.
 
-    <checkpoint_dir>/
-      <step>/                           one checkpoint, e.g. 1000/
-        model.json                      the model (class and config, fine-tuning included)
-        model_weights.npz               every model variable by path: LoRA adapters unmerged,
-                                        frozen weights in their dtype, the noise generator's state
-        ema_weights.npz                 the EMA of the trainable weights (with EMA on)
-        optimizer.npz                   the other optimizer variables (step count, Adam moments)
-        state.json                      step, data-iterator position, train config
-        assets/<asset_id>/norm_stats.json
-      metrics.csv, tensorboard/         (written by `keras_openpi.training.callbacks`)
-
-A checkpoint is written into a hidden `.partial-*` directory and renamed to
-`<step>` when complete, so a crash mid-save leaves every earlier checkpoint
-intact and no half-written one that looks valid. The inference weights of a
-step are its EMA weights (with EMA on) over the model weights, as openpi's
-`params`; `load_checkpoint_model` loads them, and `keras-openpi serve DIR`
-serves a checkpoint directory (its latest step) or one step directory.
+The layout and its reading live in `keras_openpi.checkpoint_format` (shared
+with serving). A checkpoint is written into a hidden `.partial-*` folder,
+its `manifest.json` (every file's size and sha256) last, then renamed to
+`<step>`; a save that fails (a full disk) removes its folder and says which
+file it was writing, and a crash leaves at most a hidden folder, which the
+next save removes. No checkpoint is written from non-finite weights.
 
 On several hosts (`jax.distributed`) every process takes part in gathering
 sharded weights and process 0 writes.
@@ -32,18 +21,35 @@ import uuid
 import keras
 import numpy as np
 
-FORMAT = "keras_openpi.train_checkpoint/1"
-STATE_FILE = "state.json"
-MODEL_FILE = "model.json"
-WEIGHTS_FILE = "model_weights.npz"
-EMA_FILE = "ema_weights.npz"
-OPTIMIZER_FILE = "optimizer.npz"
-ASSETS_DIR = "assets"
-_DTYPES_KEY = "__dtypes__"
-_HIDDEN = (".partial-", ".replaced-", ".deleting-")
+from keras_openpi.checkpoint_format import ASSETS_DIR
+from keras_openpi.checkpoint_format import EMA_FILE
+from keras_openpi.checkpoint_format import FORMAT
+from keras_openpi.checkpoint_format import MANIFEST_FILE
+from keras_openpi.checkpoint_format import MODEL_FILE
+from keras_openpi.checkpoint_format import OPTIMIZER_FILE
+from keras_openpi.checkpoint_format import STATE_FILE
+from keras_openpi.checkpoint_format import WEIGHTS_FILE
+from keras_openpi.checkpoint_format import CheckpointError
+from keras_openpi.checkpoint_format import assign_arrays
+from keras_openpi.checkpoint_format import by_path
+from keras_openpi.checkpoint_format import checkpoint_problem
+from keras_openpi.checkpoint_format import checkpoint_steps
+from keras_openpi.checkpoint_format import fsync_dir
+from keras_openpi.checkpoint_format import load_checkpoint_model  # noqa: F401 (public here too)
+from keras_openpi.checkpoint_format import manifest_files
+from keras_openpi.checkpoint_format import read_arrays
+from keras_openpi.checkpoint_format import read_state
+from keras_openpi.checkpoint_format import write_arrays
+from keras_openpi.checkpoint_format import write_manifest
+from keras_openpi.checkpoint_format import write_text
+from keras_openpi.training.errors import CheckpointWriteError
+from keras_openpi.training.errors import NonFiniteError
+
+# Hidden folders of saves, replacements and deletions in progress (removed by the next save).
+HIDDEN_PREFIXES = (".partial-", ".replaced-", ".deleting-")
 
 
-# === Arrays on disk ===
+# === Values on the host ===
 
 
 def _host_value(variable):
@@ -59,74 +65,12 @@ def _host_value(variable):
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
-def _write_arrays(path, arrays):
-    """Writes `{name: array}` as an `.npz`; dtypes numpy lacks (bfloat16) are stored as raw bits."""
-    stored, dtypes = {}, {}
+def first_non_finite(arrays):
+    """The first name in `{name: array}` whose float array holds NaN or inf, or None."""
     for name, array in arrays.items():
-        if array.dtype.kind == "V" or array.dtype.name not in np.sctypeDict:
-            dtypes[name] = array.dtype.name
-            array = array.view(f"uint{8 * array.dtype.itemsize}")
-        stored[name] = array
-    stored[_DTYPES_KEY] = np.array(json.dumps(dtypes))
-    with open(path, "wb") as file:
-        np.savez(file, **stored)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _read_arrays(path):
-    import ml_dtypes
-
-    with np.load(path, allow_pickle=False) as data:
-        dtypes = json.loads(str(data[_DTYPES_KEY])) if _DTYPES_KEY in data.files else {}
-        arrays = {}
-        for name in data.files:
-            if name == _DTYPES_KEY:
-                continue
-            array = data[name]
-            if name in dtypes:
-                array = array.view(getattr(ml_dtypes, dtypes[name]))
-            arrays[name] = array
-    return arrays
-
-
-def by_path(variables, what):
-    """`{variable.path: variable}`; paths must be unique (they key the files)."""
-    named = {v.path: v for v in variables}
-    if len(named) != len(variables):
-        raise ValueError(
-            f"the {what} variables' paths are not unique, so they cannot be saved by path."
-        )
-    return named
-
-
-def _assign(named, arrays, source, what):
-    """Assigns `arrays[key]` to each `named[key]` variable; the key sets must match exactly."""
-    missing = sorted(set(named) - set(arrays))
-    unexpected = sorted(set(arrays) - set(named))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the {what}: {len(missing)} variables missing from the file "
-            f"{missing[:3]}, {len(unexpected)} not in the {what} {unexpected[:3]} (a different "
-            "model config or fine-tuning strategy?)."
-        )
-    for key, variable in named.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{source}: {key!r} has shape {tuple(array.shape)}, the {what}'s variable "
-                f"{tuple(variable.shape)}."
-            )
-        dtype = keras.backend.standardize_dtype(variable.dtype)
-        if keras.backend.standardize_dtype(array.dtype) != dtype:
-            raise ValueError(
-                f"{source}: {key!r} is stored as {array.dtype}, the variable is {dtype}."
-            )
-    for key, variable in named.items():
-        variable.assign(arrays[key])
-
-
-# === The model, its EMA and its optimizer ===
+        if array.dtype.kind not in "biu" and not np.all(np.isfinite(array)):
+            return name
+    return None
 
 
 def _ema_pairs(model):
@@ -158,7 +102,7 @@ def model_spec(model):
     return spec
 
 
-def _process_index():
+def process_index():
     if keras.backend.backend() == "jax":
         import jax
 
@@ -166,7 +110,8 @@ def _process_index():
     return 0
 
 
-def _sync(name):
+def sync_processes(name):
+    """Waits for every process (on several hosts); a no-op on one."""
     if keras.backend.backend() == "jax":
         import jax
 
@@ -174,14 +119,6 @@ def _sync(name):
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(name)
-
-
-def _fsync_dir(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class CheckpointManager:
@@ -210,14 +147,8 @@ class CheckpointManager:
     # === Listing ===
 
     def steps(self):
-        """The steps of the complete checkpoints, ascending."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(
-            int(path.name)
-            for path in self.directory.iterdir()
-            if path.name.isdigit() and (path / STATE_FILE).is_file()
-        )
+        """The steps of the complete checkpoints (manifest and file sizes checked), ascending."""
+        return checkpoint_steps(self.directory)
 
     def latest_step(self):
         steps = self.steps()
@@ -228,7 +159,17 @@ class CheckpointManager:
 
     # === Saving ===
 
-    def save(self, step, model, *, data_state=None, norm_stats=None, asset_id=None, config=None):
+    def save(
+        self,
+        step,
+        model,
+        *,
+        data_state=None,
+        norm_stats=None,
+        asset_id=None,
+        config=None,
+        extra_state=None,
+    ):
         """Writes checkpoint `step` atomically, then prunes older ones.
 
         Args:
@@ -238,68 +179,120 @@ class CheckpointManager:
             norm_stats: `{key: NormStats}` written to `assets/<asset_id>/norm_stats.json`.
             asset_id: the norm stats' asset id (default `default`).
             config: the `TrainConfig` (stored as data in `state.json`).
+            extra_state: more JSON-able entries for `state.json`.
 
         Returns:
             the step's directory.
-        """
-        from keras_openpi.data.normalize import save_norm_stats
 
+        Raises:
+            NonFiniteError: a weight, EMA or optimizer value is NaN or inf
+                (nothing is written).
+            CheckpointWriteError: a file could not be written (e.g. the disk
+                is full); the partial folder is removed, earlier checkpoints
+                are intact.
+        """
         step = int(step)
         weights = {k: _host_value(v) for k, v in by_path(model.variables, "model").items()}
         ema = {variable.path: _host_value(average) for variable, average in _ema_pairs(model)}
         optimizer = {k: _host_value(v) for k, v in _optimizer_variables(model).items()}
+        for what, arrays in (
+            ("weight", weights),
+            ("EMA weight", ema),
+            ("optimizer value", optimizer),
+        ):
+            name = first_non_finite(arrays)
+            if name is not None:
+                raise NonFiniteError(
+                    f"step {step}: the {what} {name!r} is NaN or infinite, so checkpoint {step} "
+                    f"was not written; the newest good checkpoint is {self._newest_text()}."
+                )
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "data": data_state,
+            "ema": bool(ema),
+            "asset_id": (asset_id or "default") if norm_stats else None,
+            "config": config.to_dict() if config is not None else None,
+            "keras_version": keras.__version__,
+            "time": time.time(),
+            **(extra_state or {}),
+        }
         final = self.step_dir(step)
-        if _process_index() == 0:
+        if process_index() == 0:
+            arrays = {WEIGHTS_FILE: weights, EMA_FILE: ema, OPTIMIZER_FILE: optimizer}
+            self._write(step, final, model, arrays, norm_stats, asset_id, state)
+            self.prune(keep=step)
+        sync_processes(f"keras_openpi_checkpoint_{step}")
+        return final
+
+    def _write(self, step, final, model, arrays, norm_stats, asset_id, state):
+        from keras_openpi.data.normalize import FILE_NAME
+        from keras_openpi.data.normalize import norm_stats_to_json
+
+        partial = self.directory / f".partial-{step}-{uuid.uuid4().hex[:8]}"
+        path, replaced = self.directory, None
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_hidden()
-            partial = self.directory / f".partial-{step}-{uuid.uuid4().hex[:8]}"
+            path = partial
             partial.mkdir()
-            (partial / MODEL_FILE).write_text(json.dumps(model_spec(model), indent=1))
-            _write_arrays(partial / WEIGHTS_FILE, weights)
-            if ema:
-                _write_arrays(partial / EMA_FILE, ema)
-            if optimizer:
-                _write_arrays(partial / OPTIMIZER_FILE, optimizer)
+            path = partial / MODEL_FILE
+            write_text(path, json.dumps(model_spec(model), indent=1))
+            for name, values in arrays.items():
+                if values or name == WEIGHTS_FILE:
+                    path = partial / name
+                    write_arrays(path, values)
             if norm_stats:
-                save_norm_stats(partial / ASSETS_DIR / (asset_id or "default"), norm_stats)
-            state = {
-                "format": FORMAT,
-                "step": step,
-                "data": data_state,
-                "ema": bool(ema),
-                "asset_id": (asset_id or "default") if norm_stats else None,
-                "config": config.to_dict() if config is not None else None,
-                "keras_version": keras.__version__,
-                "time": time.time(),
-            }
-            (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
-            _fsync_dir(partial)
-            replaced = None
+                path = partial / ASSETS_DIR / (asset_id or "default") / FILE_NAME
+                path.parent.mkdir(parents=True)
+                write_text(path, norm_stats_to_json(norm_stats))
+            path = partial / STATE_FILE
+            write_text(path, json.dumps(state, indent=1))
+            path = partial / MANIFEST_FILE
+            write_manifest(partial, step=step)
+            fsync_dir(partial)
+            path = final
             if final.exists():
                 replaced = self.directory / f".replaced-{step}-{uuid.uuid4().hex[:8]}"
                 os.rename(final, replaced)
             os.rename(partial, final)
-            _fsync_dir(self.directory)
-            if replaced is not None:
-                shutil.rmtree(replaced)
-            self.prune()
-        _sync(f"keras_openpi_checkpoint_{step}")
-        return final
+            fsync_dir(self.directory)
+        except OSError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            if replaced is not None and not final.exists():
+                os.rename(replaced, final)  # put back the checkpoint this one was to replace
+            reason = error.strerror or str(error)
+            raise CheckpointWriteError(
+                error.errno,
+                f"checkpoint {step} was not written: {reason} while writing {path}; nothing of it "
+                f"was left behind and the newest checkpoint is {self._newest_text()}.",
+            ) from None
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+
+    def _newest_text(self):
+        step = self.latest_step()
+        return "none" if step is None else f"{self.step_dir(step)}"
 
     def _remove_hidden(self):
         """Removes what interrupted saves and deletions left behind."""
         for path in self.directory.iterdir():
-            if path.name.startswith(_HIDDEN):
+            if path.name.startswith(HIDDEN_PREFIXES):
                 shutil.rmtree(path, ignore_errors=True)
 
-    def prune(self):
-        """Deletes the checkpoints neither among the last `keep_last` nor on `keep_period`."""
+    def prune(self, keep=None):
+        """Deletes the checkpoints neither among the last `keep_last` nor on `keep_period`.
+
+        The newest checkpoint and step `keep` (the one just written) are never deleted.
+        """
         steps = self.steps()
-        keep = set(steps[-self.keep_last :])
+        kept = set(steps[-self.keep_last :])
         if self.keep_period:
-            keep |= {s for s in steps if s % self.keep_period == 0}
+            kept |= {s for s in steps if s % self.keep_period == 0}
+        if keep is not None:
+            kept.add(int(keep))
         for step in steps:
-            if step not in keep:
+            if step not in kept:
                 doomed = self.directory / f".deleting-{step}-{uuid.uuid4().hex[:8]}"
                 os.rename(self.step_dir(step), doomed)
                 shutil.rmtree(doomed)
@@ -308,101 +301,78 @@ class CheckpointManager:
 
     def read_state(self, step=None):
         """`state.json` of checkpoint `step` (default the latest)."""
-        step = self._resolve(step)
-        return json.loads((self.step_dir(step) / STATE_FILE).read_text())
+        return read_state(self.step_dir(self._resolve(step)))
 
     def _resolve(self, step):
         steps = self.steps()
         if step is None:
             if not steps:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}.")
             return steps[-1]
         if int(step) not in steps:
+            problem = checkpoint_problem(self.step_dir(step))
+            why = (
+                f" (checkpoint {step}: {problem})"
+                if problem and self.step_dir(step).exists()
+                else ""
+            )
             raise FileNotFoundError(
-                f"no checkpoint of step {step} in {self.directory}; it has {steps}."
+                f"no complete checkpoint of step {step} in {self.directory}{why}; the complete "
+                f"ones are {steps}."
             )
         return int(step)
 
-    def restore(self, model, step=None):
+    def restore(self, model, step=None, verify=True):
         """Restores the model's weights, its EMA and optimizer state from checkpoint `step`.
 
         The model must be built as it was when saved (same config and
         fine-tuning strategy) and compiled with the same optimizer; the
         optimizer is built here if it is not yet.
 
+        Args:
+            model: the model to restore into.
+            step: the checkpoint's step (default the latest complete one).
+            verify: compare every file's sha256 with the manifest first.
+
         Returns:
             the checkpoint's `state.json` dict (`step`, `data`, `config`, ...).
+
+        Raises:
+            CheckpointError: the checkpoint is corrupt or does not fit the model.
         """
         step = self._resolve(step)
         path = self.step_dir(step)
-        state = json.loads((path / STATE_FILE).read_text())
-        weights = by_path(model.variables, "model")
-        _assign(weights, _read_arrays(path / WEIGHTS_FILE), path / WEIGHTS_FILE, "model")
+        if verify:
+            problem = checkpoint_problem(path, checksums=True)
+            if problem:
+                raise CheckpointError(f"checkpoint {path} is not complete: {problem}.")
+        state = read_state(path)
+        files = manifest_files(path)
         optimizer = getattr(model, "optimizer", None)
-        if (path / OPTIMIZER_FILE).is_file():
-            if optimizer is None:
-                raise ValueError(
-                    f"{path} holds optimizer state; compile the model before restoring."
-                )
+        if OPTIMIZER_FILE in files and optimizer is None:
+            raise CheckpointError(
+                f"{path} holds optimizer state; compile the model before restoring."
+            )
+        if OPTIMIZER_FILE not in files and optimizer is not None:
+            raise CheckpointError(
+                f"{path} holds no {OPTIMIZER_FILE}: restoring it would restart the optimizer "
+                "(warm-up, Adam moments) while keeping the trained weights."
+            )
+        weights = by_path(model.variables, "model")
+        assign_arrays(weights, read_arrays(path / WEIGHTS_FILE), path / WEIGHTS_FILE, "model")
+        if optimizer is not None:
             if not optimizer.built:
                 optimizer.build(model.trainable_variables)
             named = _optimizer_variables(model)
-            _assign(named, _read_arrays(path / OPTIMIZER_FILE), path / OPTIMIZER_FILE, "optimizer")
+            arrays = read_arrays(path / OPTIMIZER_FILE)
+            assign_arrays(named, arrays, path / OPTIMIZER_FILE, "optimizer")
         pairs = _ema_pairs(model)
         if state.get("ema") != bool(pairs):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was saved {'with' if state.get('ema') else 'without'} EMA; the model's "
                 f"optimizer has it {'on' if pairs else 'off'} (ema_decay must match)."
             )
         if pairs:
             averages = {variable.path: average for variable, average in pairs}
-            _assign(averages, _read_arrays(path / EMA_FILE), path / EMA_FILE, "EMA")
+            assign_arrays(averages, read_arrays(path / EMA_FILE), path / EMA_FILE, "EMA")
         return state
-
-
-# === Loading for inference and serving ===
-
-
-def find_step_dir(path):
-    """`path` if it is a step directory, else the latest step directory in it."""
-    path = pathlib.Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    step = CheckpointManager(path).latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no training checkpoint in {path}.")
-    return path / str(step)
-
-
-def is_training_checkpoint(path):
-    """Whether `path` is a step directory or a directory of step checkpoints."""
-    path = pathlib.Path(path)
-    return path.is_dir() and (
-        (path / STATE_FILE).is_file() or CheckpointManager(path).latest_step() is not None
-    )
-
-
-def checkpoint_norm_stats_dirs(path):
-    """Where a checkpoint's norm stats are: its step's `assets/` (openpi's layout)."""
-    return [find_step_dir(path) / ASSETS_DIR]
-
-
-def load_checkpoint_model(path, use_ema=True):
-    """The model of a training checkpoint with its inference weights.
-
-    Args:
-        path: a step directory, or a run directory (its latest step).
-        use_ema: use the EMA of the trainable weights when the checkpoint has
-            one (openpi's inference `params`); False gives the raw weights.
-
-    Returns:
-        the model (not compiled).
-    """
-    step_dir = find_step_dir(path)
-    spec = json.loads((step_dir / MODEL_FILE).read_text())
-    model = keras.saving.deserialize_keras_object(spec)
-    arrays = _read_arrays(step_dir / WEIGHTS_FILE)
-    if use_ema and (step_dir / EMA_FILE).is_file():
-        arrays.update(_read_arrays(step_dir / EMA_FILE))
-    _assign(by_path(model.variables, "model"), arrays, step_dir / WEIGHTS_FILE, "model")
-    return model

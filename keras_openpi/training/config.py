@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import pathlib
 import typing
 
@@ -42,6 +43,28 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-10
     clip_gradient_norm: float = 1.0
+
+    def __post_init__(self):
+        for key, low, high, low_open in (
+            ("peak_lr", 0.0, math.inf, True),
+            ("decay_lr", 0.0, math.inf, False),
+            ("b1", 0.0, 1.0, False),
+            ("b2", 0.0, 1.0, False),
+            ("eps", 0.0, math.inf, True),
+            ("weight_decay", 0.0, math.inf, False),
+            ("clip_gradient_norm", 0.0, math.inf, True),
+        ):
+            value = getattr(self, key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+            if not ok or value >= high and math.isfinite(high):
+                bound = f"{'above' if low_open else 'at least'} {low:g}"
+                bound += f" and below {high:g}" if math.isfinite(high) else ""
+                raise ValueError(f"optimizer.{key} must be a finite number {bound}, got {value!r}.")
+        for key in ("warmup_steps", "decay_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"optimizer.{key} must be an int of at least 0, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +149,11 @@ class TrainConfig:
         checkpoint_base_dir: checkpoints go to `<checkpoint_base_dir>/<name>/<exp_name>`.
         exp_name: the run's name.
         tensorboard: write TensorBoard event files next to the checkpoints.
+        on_nonfinite: what a step with a NaN or infinite loss or gradient norm
+            does: `stop` the run (a non-zero exit naming the step; the last
+            good checkpoint is kept, nothing later is saved) or `skip` its
+            update (weights, Adam moments and EMA unchanged, the step
+            counted; JAX only).
 
     Example:
     >>> config = TrainConfig("my_robot", model={"action_horizon": 10}, weights="/ckpt/pi0_base/params",
@@ -159,6 +187,7 @@ class TrainConfig:
     checkpoint_base_dir: str = "./checkpoints"
     exp_name: str = "default"
     tensorboard: bool = True
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         for key in ("batch_size", "num_train_steps", "save_interval", "keep_last", "fsdp_devices"):
@@ -171,6 +200,8 @@ class TrainConfig:
             raise ValueError(
                 f"keep_period must be a positive int or None, got {self.keep_period!r}."
             )
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay!r}.")
 

@@ -12,6 +12,8 @@ import pathlib
 import sys
 import warnings
 
+import numpy as np
+
 from keras_openpi.data import pipeline
 from keras_openpi.data.loader import DataLoader
 from keras_openpi.data.normalize import compute_norm_stats
@@ -143,32 +145,47 @@ def compute_config_norm_stats(config, source, transforms, log=print):
     return stats
 
 
+def check_sample(sample):
+    """Raises a one-line ValueError unless the sample has `state` and `actions` vectors."""
+    for key in NORM_STATS_KEYS:
+        if key not in sample:
+            raise ValueError(
+                f"the data has no {key!r} after the repack and robot transforms (it has "
+                f"{sorted(sample)}): check data.repack and data.robot."
+            )
+        if np.ndim(sample[key]) < 1:
+            raise ValueError(f"the data's {key!r} is a scalar; expected a vector per frame.")
+
+
 def check_norm_stats(norm_stats, sample, origin):
-    """Raises a one-line ValueError when the stats do not cover the data's `state` / `actions`.
+    """Raises a one-line ValueError unless the stats are this data's: keys, dims, finite values.
 
     Args:
         norm_stats: `{key: NormStats}`.
-        sample: a sample after the repack and robot transforms.
+        sample: a sample after the repack and robot transforms (`check_sample` passed).
         origin: where the stats came from (for the message).
     """
     for key in NORM_STATS_KEYS:
         if key not in norm_stats:
             raise ValueError(
-                f"the norm stats from {origin} have no {key!r} (they have {sorted(norm_stats)})."
+                f"the norm stats from {origin} have no {key!r} (they have {sorted(norm_stats)}): "
+                "they are not this data's; recompute them (delete the file or set data.norm_stats)."
             )
-        width = sample[key].shape[-1]
-        dim = norm_stats[key].dim
-        if dim < width:
+        width = np.shape(sample[key])[-1]
+        stats = norm_stats[key]
+        if stats.dim != width:
             raise ValueError(
-                f"the norm stats from {origin} have {dim} dims for {key!r} but the data's {key!r} "
-                f"has {width}: recompute them (delete the file or set data.norm_stats)."
+                f"the norm stats from {origin} have {stats.dim} dims for {key!r} but the data's "
+                f"{key!r} has {width}: recompute them (delete the file or set data.norm_stats)."
             )
-        if dim > width:
-            warnings.warn(
-                f"the norm stats from {origin} have {dim} dims for {key!r}, the data {width}; "
-                "the first ones are used (as openpi does).",
-                stacklevel=2,
-            )
+        for field in ("mean", "std", "q01", "q99"):
+            values = getattr(stats, field)
+            if values is not None and not np.all(np.isfinite(values)):
+                dim = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise ValueError(
+                    f"the norm stats from {origin} have a non-finite {key!r} {field} "
+                    f"({values[dim]} at dim {dim}): recompute them."
+                )
 
 
 def resolve_norm_stats(config, source, transforms, sample, log=print):

@@ -12,30 +12,45 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import pathlib
-import shutil
 import warnings
 
 import keras
 
+from keras_openpi.checkpoint_format import ASSETS_DIR
+from keras_openpi.checkpoint_format import MODEL_FILE
+from keras_openpi.checkpoint_format import CheckpointError
+from keras_openpi.checkpoint_format import load_model_spec
+from keras_openpi.checkpoint_format import read_json
+from keras_openpi.checkpoint_format import read_state
+from keras_openpi.checkpoint_format import step_dirs
 from keras_openpi.convert.keras_file import load_keras_weights
 from keras_openpi.convert.keras_file import read_keras_spec
 from keras_openpi.data.loader import DataLoader
-from keras_openpi.data.normalize import save_norm_stats
 from keras_openpi.training import data as training_data
 from keras_openpi.training.callbacks import CheckpointSaver
 from keras_openpi.training.callbacks import MetricsLogger
-from keras_openpi.training.checkpoints import ASSETS_DIR
-from keras_openpi.training.checkpoints import MODEL_FILE
+from keras_openpi.training.callbacks import NonFiniteGuard
 from keras_openpi.training.checkpoints import CheckpointManager
+from keras_openpi.training.checkpoints import process_index
+from keras_openpi.training.checkpoints import sync_processes
 from keras_openpi.training.distribution import check_batch_size
 from keras_openpi.training.distribution import make_distribution
 from keras_openpi.training.distribution import training_devices
+from keras_openpi.training.export import export_checkpoint
+from keras_openpi.training.export import export_policy
+from keras_openpi.training.export import export_step
 from keras_openpi.training.optimizer import make_optimizer
-
-CONFIG_FILE = "train_config.json"
-EXPORT_DIR = "export"
-EXPORT_MODEL = "policy.keras"
+from keras_openpi.training.resume import check_resume_settings
+from keras_openpi.training.resume import choose_checkpoint
+from keras_openpi.training.run_dir import CONFIG_FILE
+from keras_openpi.training.run_dir import EXPORT_DIR
+from keras_openpi.training.run_dir import EXPORT_MODEL
+from keras_openpi.training.run_dir import check_overwritable
+from keras_openpi.training.run_dir import move_aside
+from keras_openpi.training.run_dir import remove_run_entries
+from keras_openpi.training.run_dir import run_entries
 
 
 def model_settings(config):
@@ -68,26 +83,18 @@ def make_tokenizer(config, settings):
     return PaligemmaTokenizer(config.tokenizer, max_len=settings["max_token_len"])
 
 
-@contextlib.contextmanager
-def without_training_state(model):
-    """Hides the optimizer and compile settings, e.g. to save a `.keras` file of the policy."""
-    optimizer, compiled = model.optimizer, model.compiled
-    model.optimizer, model.compiled = None, False
-    try:
-        yield model
-    finally:
-        model.optimizer, model.compiled = optimizer, compiled
-
-
 class Trainer:
     """Runs a `TrainConfig`: data, model, `model.fit`, checkpoints, exact resume, export.
 
     Args:
         config: a `TrainConfig` (`keras_openpi.training.config`).
         checkpoint_dir: the run's directory (default `config.checkpoint_dir`).
-        resume: continue from the latest checkpoint in `checkpoint_dir`
-            (weights, optimizer and EMA state, noise generator, data position).
-        overwrite: delete the checkpoints already in `checkpoint_dir`.
+        resume: continue from the newest complete checkpoint in `checkpoint_dir`
+            (weights, optimizer and EMA state, noise generator, data position);
+            newer incomplete ones are moved aside to `<step>.skipped`. A
+            finished run whose export is missing is exported again.
+        overwrite: remove what a run wrote in `checkpoint_dir` (checkpoints,
+            metrics, export, logs); a directory holding anything else is refused.
         max_steps: stop at this global step (default `config.num_train_steps`);
             the last step is always checkpointed, so `resume` continues.
         verbose: `fit`'s verbosity (1: a progress bar).
@@ -133,7 +140,15 @@ class Trainer:
         config = self.config
         num_devices = len(training_devices())
         check_batch_size(config.batch_size, num_devices, config.fsdp_devices)
+        if config.on_nonfinite == "skip" and keras.backend.backend() != "jax":
+            raise ValueError(
+                "on_nonfinite=skip drops the update inside the JAX train step; the backend is "
+                f"{keras.backend.backend()}: use on_nonfinite=stop."
+            )
         self._check_checkpoint_dir()
+        if self.export_only:
+            self.prepared = True
+            return self
         self.settings = model_settings(config)
         if self.resume_state is None and config.base_weights and not config.weights:
             raise ValueError(
@@ -147,6 +162,7 @@ class Trainer:
         self.source = training_data.open_source(config, self.settings["action_horizon"])
         robot = training_data.robot_transforms(config)
         sample = training_data.first_sample(self.source, robot.inputs)
+        training_data.check_sample(sample)
         architecture = self._architecture()
         self.settings.update({k: v for k, v in architecture.items() if k in self.settings})
         self.tokenizer = make_tokenizer(config, self.settings)
@@ -159,7 +175,7 @@ class Trainer:
         self.asset_id = training_data.asset_id(config)
         if self.resume_state is not None:  # a resumed run normalizes with the stats it started with
             self.asset_id = self.resume_state["asset_id"]
-            stats_dir = self.manager.step_dir(self.start_step) / ASSETS_DIR / self.asset_id
+            stats_dir = self.resume_dir / ASSETS_DIR / self.asset_id
             stats_data = dataclasses.replace(config.data, norm_stats=str(stats_dir))
             stats_config = dataclasses.replace(config, data=stats_data)
         self.norm_stats, self.norm_stats_origin = training_data.resolve_norm_stats(
@@ -185,8 +201,7 @@ class Trainer:
         """The `Pi0` arguments fixed by the starting point: the checkpoint resumed, or the weights."""
         config = self.config
         if self.resume_state is not None:
-            spec = json.loads((self.manager.step_dir(self.start_step) / MODEL_FILE).read_text())
-            return spec["config"]
+            return read_json(self.resume_dir / MODEL_FILE)["config"]
         if config.weights and config.weights.endswith(".keras"):
             return read_keras_spec(config.weights, expected_classes=("Pi0",))["config"]
         if config.weights:
@@ -194,23 +209,64 @@ class Trainer:
         return {}
 
     def _check_checkpoint_dir(self):
-        steps = self.manager.steps()
-        self.resume_state, self.start_step = None, 0
-        if steps and not (self.resume or self.overwrite):
-            raise ValueError(
-                f"{self.checkpoint_dir} already holds checkpoints (steps {steps}): pass --resume "
-                "to continue that run or --overwrite to start over."
-            )
-        if self.resume and not steps:
-            self.log(f"no checkpoint to resume in {self.checkpoint_dir}: starting a new run")
-        if steps and self.resume:
-            self.resume_state = self.manager.read_state()
-            self.start_step = self.resume_state["step"]
-            if self.start_step >= self.end_step:
+        """Decides what the run does with its directory: start, resume, re-export, or refuse."""
+        directory = self.checkpoint_dir
+        self.resume_state, self.resume_dir, self.start_step = None, None, 0
+        self.export_only, self.skipped_checkpoints, self.overwritten = False, [], []
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"--checkpoint-dir {directory} is a file, not a directory.")
+        if self.overwrite:
+            self.overwritten = check_overwritable(directory)
+            return
+        if not self.resume:
+            ours, _ = run_entries(directory)
+            steps = step_dirs(directory)
+            if steps:
                 raise ValueError(
-                    f"the run in {self.checkpoint_dir} is at step {self.start_step} already; raise "
-                    f"num_train_steps / --max-steps above it (now {self.end_step})."
+                    f"{directory} already holds checkpoints (steps {steps}): pass --resume "
+                    "to continue that run or --overwrite to start over."
                 )
+            if ours:
+                raise ValueError(
+                    f"{directory} already holds a run's files ({', '.join(ours)}): pass --resume "
+                    "to continue that run or --overwrite to start over."
+                )
+            return
+        point = choose_checkpoint(directory, self.end_step)
+        if point is None:
+            self.log(f"no checkpoint to resume in {directory}: starting a new run")
+            return
+        for step, problem in point.skipped:
+            self.log(f"checkpoint {directory / str(step)} is not usable: {problem}")
+        if point.finished:
+            exported = export_step(directory / EXPORT_DIR)
+            if exported == point.step:
+                raise ValueError(
+                    f"the run in {directory} is at step {point.step} already and exported to "
+                    f"{directory / EXPORT_DIR}; raise num_train_steps / --max-steps above it "
+                    f"(now {self.end_step})."
+                )
+            self.log(
+                f"the run in {directory} is finished at step {point.step} but its export is "
+                f"{'missing' if exported is None else f'of step {exported}'}: exporting it"
+            )
+            self.export_only, self.start_step = True, point.step
+            return
+        if point.skipped:
+            self.log(
+                f"resuming from step {point.step}, the newest complete checkpoint; the newer "
+                "ones move to <step>.skipped"
+            )
+        changes = check_resume_settings(point.state.get("config"), self.config, point.step_dir)
+        if changes:
+            listed = "; ".join(f"{key} {a!r} (was {b!r})" for key, a, b in changes)
+            self.log(f"resuming with changed settings: {listed}")
+        self.resume_state, self.resume_dir, self.start_step = (
+            point.state,
+            point.step_dir,
+            point.step,
+        )
+        self.skipped_checkpoints = [directory / str(step) for step, _ in point.skipped]
 
     # === Model ===
 
@@ -239,8 +295,7 @@ class Trainer:
 
         config = self.config
         if self.resume_state is not None:
-            spec = json.loads((self.manager.step_dir(self.start_step) / MODEL_FILE).read_text())
-            return keras.saving.deserialize_keras_object(spec)
+            return load_model_spec(self.resume_dir)
         settings = dict(self.settings, seed=config.seed, augment=config.augment)
         if config.weights and config.weights.endswith(".keras"):
             spec = read_keras_spec(config.weights, expected_classes=("Pi0",))
@@ -272,8 +327,11 @@ class Trainer:
         if not self.prepared:
             self.prepare()
         config = self.config
-        if self.overwrite and self.checkpoint_dir.exists():
-            shutil.rmtree(self.checkpoint_dir)
+        if process_index() == 0:
+            remove_run_entries(self.checkpoint_dir, self.overwritten)
+            for step_dir in self.skipped_checkpoints:
+                self.log(f"moved {step_dir} to {move_aside(step_dir)}")
+        sync_processes("keras_openpi_run_dir")
         keras.utils.set_random_seed(config.seed)
         self.distribution = self._distribution()
         with self._scope():
@@ -282,10 +340,17 @@ class Trainer:
             # Beta draw of the flow-matching times), PyTorch eagerly (torch.compile
             # retraces Keras layers without end).
             jit_compile = keras.backend.backend() == "jax"
+            self.model.skip_nonfinite_updates = config.on_nonfinite == "skip"
             self.model.compile(optimizer=make_optimizer(config), jit_compile=jit_compile)
             if self.resume_state is not None:
                 self.model.optimizer.build(self.model.trainable_variables)
-                self.manager.restore(self.model, self.start_step)
+                self.manager.restore(self.model, self.start_step, verify=False)  # verified
+                iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+                if iterations != self.start_step:
+                    raise CheckpointError(
+                        f"{self.resume_dir}: its optimizer.npz is at step {iterations}, its "
+                        f"state.json at {self.start_step}."
+                    )
         self.log(str(self.model.trainable_summary()))
         return self.model
 
@@ -297,12 +362,20 @@ class Trainer:
     # === Training ===
 
     def fit(self, callbacks=()):
-        """Trains from the current step to the end step; returns the `History`."""
+        """Trains from the current step to the end step; returns the `History`.
+
+        Raises:
+            NonFiniteError: with `on_nonfinite=stop`, at the first step with a
+                non-finite loss or gradient norm (nothing from it is saved).
+            CheckpointWriteError: a checkpoint could not be written.
+        """
         if self.model is None:
             self.build()
         config = self.config
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (self.checkpoint_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+        partial = self.checkpoint_dir / f"{CONFIG_FILE}.partial"
+        partial.write_text(json.dumps(config.to_dict(), indent=1))
+        os.replace(partial, self.checkpoint_dir / CONFIG_FILE)
         steps = self.end_step - self.start_step
         what = f"resuming at step {self.start_step}" if self.start_step else "training"
         self.log(
@@ -310,8 +383,12 @@ class Trainer:
             f"{config.batch_size}; norm stats: {self.norm_stats_origin}; "
             f"checkpoints: {self.checkpoint_dir}"
         )
+        metrics = MetricsLogger(self.checkpoint_dir, tensorboard=config.tensorboard)
+        skipped = (self.resume_state or {}).get("skipped_steps", 0)
+        self.guard = NonFiniteGuard(config.on_nonfinite, self.manager, skipped, log=self.log)
         run_callbacks = [
-            MetricsLogger(self.checkpoint_dir, tensorboard=config.tensorboard),
+            metrics,
+            self.guard,
             CheckpointSaver(
                 self.manager,
                 config.save_interval,
@@ -320,10 +397,11 @@ class Trainer:
                 norm_stats=self.norm_stats,
                 asset_id=self.asset_id,
                 config=config,
+                guard=self.guard,
             ),
             *callbacks,
         ]
-        with self._scope(), warnings.catch_warnings():
+        with self._scope(), warnings.catch_warnings(), _closing(metrics):
             # The last VLM layer's feed-forward and final norm never reach the
             # action expert (as in openpi), so they get no gradient; Keras warns.
             warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
@@ -339,7 +417,7 @@ class Trainer:
         return history
 
     def export(self, directory=None):
-        """Writes the policy (`policy.keras`, EMA weights when on) and its `norm_stats.json`.
+        """Writes the policy (`policy.keras`, EMA weights when on) and its norm stats, atomically.
 
         `keras-openpi serve DIR/policy.keras` serves it (the norm stats next to it are found).
 
@@ -347,24 +425,40 @@ class Trainer:
             the `.keras` file's path.
         """
         directory = pathlib.Path(directory or self.checkpoint_dir / EXPORT_DIR)
-        directory.mkdir(parents=True, exist_ok=True)
+        source = self.manager.step_dir(self.end_step)
         path = directory / EXPORT_MODEL
-        partial = directory / f".partial-{EXPORT_MODEL}"
-        with without_training_state(self.model):
-            self.model.save(partial)
-        partial.replace(path)
-        save_norm_stats(directory, self.norm_stats)
-        self.log(f"exported {path} and its norm_stats.json")
+        if process_index() == 0:
+            export_policy(
+                self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
+            )
+            self.log(f"exported {path} and its norm_stats.json")
+        sync_processes("keras_openpi_export")
         return path
 
     def run(self):
-        """prepare → build → fit → export.
+        """prepare → build → fit → export (or, for a finished run without its export, export).
 
         Returns:
-            dict with `step`, `history` (the `History`), `checkpoint_dir` and `export`
-            (the `.keras` path).
+            dict with `step`, `history` (the `History`; None when only exported),
+            `checkpoint_dir`, `export` (the `.keras` path) and `skipped_steps`.
         """
-        self.prepare()
+        if not self.prepared:
+            self.prepare()
+        if self.export_only:
+            step = self.start_step
+            path = self.checkpoint_dir / EXPORT_DIR / EXPORT_MODEL
+            if process_index() == 0:
+                export_checkpoint(self.checkpoint_dir, step=step)
+                self.log(f"exported {path} from checkpoint {step}")
+            sync_processes("keras_openpi_export")
+            state = read_state(self.checkpoint_dir / str(step))
+            return {
+                "step": step,
+                "history": None,
+                "checkpoint_dir": self.checkpoint_dir,
+                "export": path,
+                "skipped_steps": state.get("skipped_steps", 0),
+            }
         self.build()
         history = self.fit()
         path = self.export()
@@ -373,12 +467,22 @@ class Trainer:
             "history": history,
             "checkpoint_dir": self.checkpoint_dir,
             "export": path,
+            "skipped_steps": self.guard.skipped,
         }
 
 
 def train(config, **kwargs):
     """Runs `config` with a `Trainer` (taking its keyword arguments); returns `Trainer.run()`."""
     return Trainer(config, **kwargs).run()
+
+
+@contextlib.contextmanager
+def _closing(metrics):
+    """Closes the metrics files when `fit` ends, also on an error."""
+    try:
+        yield
+    finally:
+        metrics.close()
 
 
 def _process_shard():

@@ -1,0 +1,404 @@
+"""The training-checkpoint format: its layout, its manifest, and reading it.
+
+Training writes it (`keras_openpi.training.checkpoints.CheckpointManager`);
+serving and `keras-openpi export-policy` read it. Both import this module and
+it imports neither, so the format has one home below both.
+
+    <run_dir>/
+      <step>/                           one checkpoint, e.g. 1000/
+        manifest.json                   the format, the step, and every other file's
+                                        size and sha256 (written last)
+        model.json                      the model (class and config, fine-tuning included)
+        model_weights.npz               every model variable by path: LoRA adapters unmerged,
+                                        frozen weights in their dtype, the noise generator's state
+        ema_weights.npz                 the EMA of the trainable weights (with EMA on)
+        optimizer.npz                   the other optimizer variables (step count, Adam moments)
+        state.json                      step, data-iterator position, train config
+        assets/<asset_id>/norm_stats.json
+
+A step directory is a checkpoint when its `manifest.json` names this format
+and its step and every file it lists is there with the listed size
+(`checkpoint_problem`); with `checksums=True` the files' sha256 must match
+too and `state.json` must parse. Anything else (a folder a crash left, a file
+deleted, truncated or changed) is not a checkpoint: listing skips it, and
+loading a run directory falls back to the newest complete checkpoint and
+warns. The inference weights of a step are its EMA weights (with EMA on)
+over the model weights, as openpi's `params`.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import warnings
+import zipfile
+import zlib
+
+import keras
+import numpy as np
+
+FORMAT = "keras_openpi.train_checkpoint/2"
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = "state.json"
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "model_weights.npz"
+EMA_FILE = "ema_weights.npz"
+OPTIMIZER_FILE = "optimizer.npz"
+ASSETS_DIR = "assets"
+REQUIRED_FILES = (MODEL_FILE, WEIGHTS_FILE, STATE_FILE)
+# Loading for inference reads no optimizer state, so it does not checksum it.
+INFERENCE_UNCHECKED = (OPTIMIZER_FILE,)
+_DTYPES_KEY = "__dtypes__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """Newer checkpoints of a run were skipped (incomplete or corrupt) for an older complete one."""
+
+
+# === Files ===
+
+
+def write_text(path, text):
+    """Writes `text` to `path` and flushes it to disk."""
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_arrays(path, arrays):
+    """Writes `{name: array}` as an `.npz`; dtypes numpy lacks (bfloat16) are stored as raw bits."""
+    stored, dtypes = {}, {}
+    for name, array in arrays.items():
+        if array.dtype.kind == "V" or array.dtype.name not in np.sctypeDict:
+            dtypes[name] = array.dtype.name
+            array = array.view(f"uint{8 * array.dtype.itemsize}")
+        stored[name] = array
+    stored[_DTYPES_KEY] = np.array(json.dumps(dtypes))
+    with open(path, "wb") as file:
+        np.savez(file, **stored)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_arrays(path):
+    """`{name: array}` of an `.npz` written by `write_arrays`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not such an `.npz`.
+    """
+    import ml_dtypes
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            dtypes = json.loads(str(data[_DTYPES_KEY])) if _DTYPES_KEY in data.files else {}
+            arrays = {}
+            for name in data.files:
+                if name == _DTYPES_KEY:
+                    continue
+                array = data[name]
+                if name in dtypes:
+                    array = array.view(getattr(ml_dtypes, dtypes[name]))
+                arrays[name] = array
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise CheckpointError(f"{path} cannot be read as arrays: {error}") from None
+    return arrays
+
+
+def read_json(path):
+    """The JSON in `path`; a missing or malformed file raises a CheckpointError naming it."""
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing.") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def sha256(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+# sha256 of the files read in this process, by (path, size, mtime): a checkpoint that
+# serving loads and then searches for norm stats is read once.
+_DIGESTS = {}
+
+
+def _sha256(path):
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) > 256:
+            _DIGESTS.clear()
+        _DIGESTS[key] = sha256(path)
+    return _DIGESTS[key]
+
+
+def fsync_dir(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# === Manifest ===
+
+
+def write_manifest(directory, fmt=FORMAT, **fields):
+    """Writes `manifest.json` listing every file under `directory` with its size and sha256.
+
+    Args:
+        directory: the folder, complete but for its manifest.
+        fmt: the format it is in.
+        **fields: more JSON-able entries (e.g. `step`).
+
+    Returns:
+        the manifest dict.
+    """
+    directory = pathlib.Path(directory)
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name != MANIFEST_FILE:
+            files[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    manifest = {"format": fmt, **fields, "files": files}
+    write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def manifest_problem(directory, fmt, required=(), checksums=False, unchecked=(), **fields):
+    """What keeps `directory` from being a complete folder of format `fmt`, or None.
+
+    Args:
+        directory: the folder.
+        fmt: the format its manifest must name.
+        required: files the manifest must list.
+        checksums: also compare the files' sha256 (reads them).
+        unchecked: files whose sha256 `checksums` leaves out (their size is checked).
+        **fields: entries the manifest must hold with these values (e.g. `step=1000`).
+
+    Returns:
+        None, or one phrase naming the file and what is wrong with it.
+    """
+    directory = pathlib.Path(directory)
+    if not (directory / MANIFEST_FILE).is_file():
+        return f"it has no {MANIFEST_FILE} (an interrupted save, or an older format)"
+    try:
+        manifest = read_json(directory / MANIFEST_FILE)
+    except CheckpointError as error:
+        return str(error).rstrip(".")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST_FILE} lists no files"
+    if manifest.get("format") != fmt:
+        return f"{MANIFEST_FILE} is of format {manifest.get('format')!r}, expected {fmt!r}"
+    for key, value in fields.items():
+        if manifest.get(key) != value:
+            return f"{MANIFEST_FILE} says {key} {manifest.get(key)!r}, expected {value!r}"
+    files = manifest["files"]
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST_FILE} does not list {name}"
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            return (
+                f"{name} has {size} bytes, {MANIFEST_FILE} lists {entry.get('bytes')} (truncated?)"
+            )
+        if checksums and name not in unchecked and _sha256(path) != entry.get("sha256"):
+            return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupt)"
+    return None
+
+
+def manifest_files(directory):
+    """The file names a (complete) folder's manifest lists."""
+    return set(read_json(pathlib.Path(directory) / MANIFEST_FILE)["files"])
+
+
+# === Checkpoints ===
+
+
+def checkpoint_problem(step_dir, checksums=False, unchecked=()):
+    """What keeps `step_dir` from being a complete checkpoint, or None.
+
+    Args:
+        step_dir: a `<step>` directory.
+        checksums: also compare the files' sha256 and parse `state.json`
+            (reads the files; the size check alone reads none).
+        unchecked: files whose sha256 `checksums` leaves out, e.g. the
+            optimizer state when loading for inference.
+
+    Returns:
+        None, or one phrase naming the file and what is wrong with it, e.g.
+        "optimizer.npz is missing".
+    """
+    step_dir = pathlib.Path(step_dir)
+    step = int(step_dir.name) if step_dir.name.isdigit() else None
+    fields = {} if step is None else {"step": step}
+    problem = manifest_problem(step_dir, FORMAT, REQUIRED_FILES, checksums, unchecked, **fields)
+    if problem is None and checksums:
+        try:
+            state = read_json(step_dir / STATE_FILE)
+        except CheckpointError as error:
+            return str(error).rstrip(".")
+        if not isinstance(state, dict) or (step is not None and state.get("step") != step):
+            return f"{STATE_FILE} is not of step {step}"
+    return problem
+
+
+def step_dirs(directory):
+    """The steps of every `<step>` folder in `directory` (complete or not), ascending."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def checkpoint_steps(directory):
+    """The steps of the complete checkpoints in `directory` (by size, not checksum), ascending."""
+    directory = pathlib.Path(directory)
+    return [s for s in step_dirs(directory) if checkpoint_problem(directory / str(s)) is None]
+
+
+def read_state(step_dir):
+    """The checkpoint's `state.json` dict (step, data position, config, ...)."""
+    state = read_json(pathlib.Path(step_dir) / STATE_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{pathlib.Path(step_dir) / STATE_FILE} does not hold a dict.")
+    return state
+
+
+def is_step_dir(path):
+    path = pathlib.Path(path)
+    return (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file()
+
+
+def find_step_dir(path):
+    """The verified checkpoint `path` names: `path` itself, or the newest complete one in it.
+
+    A run directory's newer incomplete or corrupt checkpoints are skipped
+    with a warning that names them and why.
+
+    Raises:
+        CheckpointError: `path` is a step directory that is not complete, or
+            a run directory with no complete checkpoint.
+    """
+    path = pathlib.Path(path)
+    if is_step_dir(path):
+        problem = checkpoint_problem(path, checksums=True, unchecked=INFERENCE_UNCHECKED)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is not complete: {problem}.")
+        return path
+    skipped = []
+    for step in reversed(step_dirs(path)):
+        step_dir = path / str(step)
+        problem = checkpoint_problem(step_dir, checksums=True, unchecked=INFERENCE_UNCHECKED)
+        if problem is None:
+            if skipped:
+                warnings.warn(
+                    f"{path}: using checkpoint {step}; skipped {'; '.join(skipped)}.",
+                    CheckpointFallbackWarning,
+                    stacklevel=2,
+                )
+            return path / str(step)
+        skipped.append(f"{step} ({problem})")
+    detail = f": {'; '.join(skipped)}" if skipped else ""
+    raise CheckpointError(f"no complete training checkpoint in {path}{detail}.")
+
+
+def is_training_checkpoint(path):
+    """Whether `path` is a step directory or a directory of step directories."""
+    path = pathlib.Path(path)
+    return path.is_dir() and (
+        is_step_dir(path) or any(is_step_dir(path / str(s)) for s in step_dirs(path))
+    )
+
+
+def norm_stats_dirs(path):
+    """Where a checkpoint's norm stats are: its step's `assets/` (openpi's layout)."""
+    return [find_step_dir(path) / ASSETS_DIR]
+
+
+# === Weights ===
+
+
+def by_path(variables, what):
+    """`{variable.path: variable}`; paths must be unique (they key the files)."""
+    named = {v.path: v for v in variables}
+    if len(named) != len(variables):
+        raise ValueError(
+            f"the {what} variables' paths are not unique, so they cannot be saved by path."
+        )
+    return named
+
+
+def assign_arrays(named, arrays, source, what):
+    """Assigns `arrays[key]` to each `named[key]` variable; names, shapes and dtypes must match.
+
+    Nothing is assigned unless everything matches.
+
+    Raises:
+        CheckpointError: naming `source`, the variable and what differs.
+    """
+    missing = sorted(set(named) - set(arrays))
+    unexpected = sorted(set(arrays) - set(named))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the {what}: {len(missing)} variables missing from the file "
+            f"{missing[:3]}, {len(unexpected)} not in the {what} {unexpected[:3]} (a different "
+            "model config or fine-tuning strategy?)."
+        )
+    for key, variable in named.items():
+        array = arrays[key]
+        if tuple(array.shape) != tuple(variable.shape):
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {tuple(array.shape)}, the {what}'s variable "
+                f"{tuple(variable.shape)}."
+            )
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if keras.backend.standardize_dtype(array.dtype) != dtype:
+            raise CheckpointError(
+                f"{source}: {key!r} is stored as {array.dtype}, the variable is {dtype}."
+            )
+    for key, variable in named.items():
+        variable.assign(arrays[key])
+
+
+def load_model_spec(step_dir):
+    """The model of a checkpoint's `model.json`, built, without its weights."""
+    path = pathlib.Path(step_dir) / MODEL_FILE
+    spec = read_json(path)
+    try:
+        return keras.saving.deserialize_keras_object(spec)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"{path} does not describe a model this version builds: {error}"
+        ) from None
+
+
+def load_checkpoint_model(path, use_ema=True):
+    """The model of a training checkpoint with its inference weights.
+
+    Args:
+        path: a step directory, or a run directory (its newest complete step).
+        use_ema: use the EMA of the trainable weights when the checkpoint has
+            one (openpi's inference `params`); False gives the raw weights.
+
+    Returns:
+        the model (not compiled).
+    """
+    step_dir = find_step_dir(path)
+    model = load_model_spec(step_dir)
+    arrays = read_arrays(step_dir / WEIGHTS_FILE)
+    if use_ema and (step_dir / EMA_FILE).is_file():
+        arrays.update(read_arrays(step_dir / EMA_FILE))
+    assign_arrays(by_path(model.variables, "model"), arrays, step_dir / WEIGHTS_FILE, "model")
+    return model
