@@ -53,7 +53,7 @@ def add_parser(subparsers):
         "--quantiles",
         choices=("exact", "openpi"),
         default="exact",
-        help="how q01/q99 are computed: 'exact' (default; within a 1/10000-of-range bin of "
+        help="how q01/q99 are computed: 'exact' (default; within 1/5000 of the data's range of "
         "np.quantile) or 'openpi' (openpi's RunningStats histogram, reproduced number for "
         "number: mean and std too, from float32 batches of --batch-size samples in order, the "
         "samples past the last full batch left out as openpi's loader does)",
