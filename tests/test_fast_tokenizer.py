@@ -1,9 +1,15 @@
-"""The FAST action tokenizer: DCT + quantization + BPE, its error bound and its file format."""
+"""The FAST action tokenizer: DCT + quantization + BPE, its error bound, its file format, and
+the processor openpi's `AutoProcessor.from_pretrained` loads from a saved directory."""
 
+import ast
+import importlib.util
 import json
 import logging
+import pathlib
 import pickle
 import re
+import shutil
+import uuid
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from tokenizers import trainers
 from tokenizers.implementations import ByteLevelBPETokenizer
 
 from keras_openpi.tokenizers import FASTTokenizer
+from keras_openpi.tokenizers import fast_processor
 
 HORIZON, DIM, SCALE = 10, 7, 10.0
 
@@ -132,13 +139,18 @@ def test_bad_sequences_decode_to_zeros_with_a_warning(fitted, data, caplog):
 def test_save_load_round_trip(fitted, data, tmp_path):
     directory = fitted.save(tmp_path / "fast")
     assert sorted(p.name for p in directory.iterdir()) == [
+        "fast_processor.py",
         "processor_config.json",
         "special_tokens_map.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     config = json.loads((directory / "processor_config.json").read_text())
-    assert config == {**fitted.get_config(), "processor_class": "UniversalActionProcessor"}
+    assert config == {
+        **fitted.get_config(),
+        "auto_map": {"AutoProcessor": "fast_processor.UniversalActionProcessor"},
+        "processor_class": "UniversalActionProcessor",
+    }
     loaded = FASTTokenizer.load(directory)
     assert loaded.get_config() == fitted.get_config()
     assert loaded.num_tokens == fitted.num_tokens <= 1024
@@ -270,4 +282,137 @@ def test_small_vocabulary_warns(data, caplog):
         tokenizer.decode(tokenizer.encode(chunk)),
         tokenizer.dequantize(tokenizer.quantize(chunk)),
         atol=1e-6,
+    )
+
+
+# === openpi's loading path: AutoProcessor.from_pretrained(directory, trust_remote_code=True) ===
+
+# What the processor module may import: openpi's environment has these, not keras_openpi.
+PROCESSOR_IMPORTS = {"json", "logging", "pathlib", "numpy", "scipy", "tokenizers"}
+
+
+def _module_imports(source):
+    """Top-level packages a module imports outside try blocks (what transformers requires)."""
+    names = set()
+    tried = set()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            tried.update(id(child) for part in node.body for child in ast.walk(part))
+    for node in ast.walk(tree):
+        if id(node) in tried:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports need files next to the module"
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _load_module(path):
+    spec = importlib.util.spec_from_file_location(f"saved_fast_{uuid.uuid4().hex}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _processor_class(directory):
+    """The class `auto_map` names, imported from the directory's own file (as transformers does)."""
+    config = json.loads((directory / "processor_config.json").read_text())
+    module_name, class_name = config["auto_map"]["AutoProcessor"].split(".")
+    module = _load_module(directory / f"{module_name}.py")
+    return getattr(module, class_name), module
+
+
+def test_saved_directory_holds_the_processor_openpi_loads(fitted, tmp_path):
+    directory = fitted.save(tmp_path / "fast")
+    source = (directory / "fast_processor.py").read_text()
+    assert source == pathlib.Path(fast_processor.__file__).read_text()
+    assert _module_imports(source) <= PROCESSOR_IMPORTS
+    assert "keras_openpi" not in _module_imports(source)
+    processor_class, _ = _processor_class(directory)
+    assert processor_class.__name__ == "UniversalActionProcessor"
+    # AutoProcessor's calls, in its order.
+    processor_class.register_for_auto_class()
+    processor = processor_class.from_pretrained(str(directory), trust_remote_code=True)
+    assert (processor.scale, processor.min_token, processor.vocab_size) == (
+        fitted.scale,
+        fitted.min_token,
+        fitted.vocab_size,
+    )
+    assert (processor.time_horizon, processor.action_dim) == (HORIZON, DIM)
+
+
+def test_processor_encodes_and_decodes_as_fast_tokenizer(fitted, data, tmp_path, caplog):
+    directory = fitted.save(tmp_path / "fast")
+    processor_class, module = _processor_class(directory)
+    processor = processor_class.from_pretrained(directory)
+    chunks = np.concatenate(data)[::9]
+    ids = processor(chunks)
+    assert ids == [fitted.encode(chunk) for chunk in chunks]
+    decoded = processor.decode(ids, time_horizon=HORIZON, action_dim=DIM)
+    assert decoded.shape == (len(chunks), HORIZON, DIM)
+    expected = np.stack([fitted.decode(i, HORIZON, DIM) for i in ids])
+    np.testing.assert_array_equal(decoded.astype(np.float32), expected)
+    # openpi's FASTTokenizer: `processor(actions[None])[0]` and `decode([ids], ...)[0]`.
+    actions = 3.0 * chunks[0]  # beyond the training range: byte fallback and clipping
+    tokens = processor(actions[None])[0]
+    assert tokens == fitted.encode(actions) == processor(actions)[0]
+    np.testing.assert_array_equal(
+        processor.decode([tokens], time_horizon=HORIZON, action_dim=DIM)[0].astype(np.float32),
+        fitted.decode(tokens),
+    )
+    assert processor.bpe_tokenizer.decode(tokens) == fitted._to_text(fitted.quantize(actions))
+    # Invalid ids decode to zeros with a warning, as FASTTokenizer decodes them.
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        bad = processor.decode([tokens[:-1], [-1]], time_horizon=HORIZON, action_dim=DIM)
+    np.testing.assert_array_equal(bad, np.zeros((2, HORIZON, DIM)))
+    assert "ids outside [0, " in caplog.text and "expected 10 x 7 = 70" in caplog.text
+    with pytest.raises(ValueError, match="a quantized DCT coefficient .* is too large"):
+        processor(np.full((HORIZON, DIM), 1e5))
+    with pytest.raises(ValueError, match="action chunks \\(B, H, D\\) or \\(H, D\\), got shape"):
+        processor(np.zeros(DIM))
+
+
+def test_processor_shape_defaults_as_released(data, tmp_path):
+    # Chunks of different shapes leave no time_horizon / action_dim in the config.
+    tokenizer = FASTTokenizer(scale=SCALE, vocab_size=300).fit([data[0][0], data[0][1, :5]])
+    directory = tokenizer.save(tmp_path / "fast")
+    processor_class, _ = _processor_class(directory)
+    processor = processor_class.from_pretrained(directory)
+    with pytest.raises(ValueError, match="FAST decode needs the chunk shape"):
+        processor.decode([[1]])
+    ids = processor(data[1][:2])  # the last call's shape is decode's default
+    np.testing.assert_array_equal(
+        processor.decode(ids).astype(np.float32), [tokenizer.decode(i, HORIZON, DIM) for i in ids]
+    )
+
+
+@pytest.mark.parametrize("subfolder", ["", "bpe_tokenizer"])
+def test_processor_reads_released_layout(data, tmp_path, subfolder):
+    bpe = released_layout_directory(tmp_path / "fast", data[0], -354, subfolder)
+    module = tmp_path / "fast" / "fast_processor.py"
+    shutil.copyfile(fast_processor.__file__, module)
+    processor = _load_module(module).UniversalActionProcessor.from_pretrained(tmp_path / "fast")
+    loaded = FASTTokenizer.load(tmp_path / "fast")
+    for chunk in data[1][:10]:
+        (ids,) = processor(chunk)
+        assert ids == loaded.encode(chunk) and bpe.decode(ids) == loaded._to_text(
+            loaded.quantize(chunk)
+        )
+
+
+def test_auto_processor_loads_saved_directory(fitted, data, tmp_path):
+    """openpi's own call, where transformers is installed (it is not in keras_openpi's env)."""
+    transformers = pytest.importorskip("transformers")
+    directory = fitted.save(tmp_path / "fast")
+    processor = transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=True)
+    assert type(processor).__name__ == "UniversalActionProcessor"
+    chunks = data[1][:10]
+    ids = processor(chunks)
+    assert ids == [fitted.encode(chunk) for chunk in chunks]
+    np.testing.assert_array_equal(
+        processor.decode(ids, time_horizon=HORIZON, action_dim=DIM).astype(np.float32),
+        [fitted.decode(i) for i in ids],
     )

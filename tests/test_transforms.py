@@ -21,7 +21,9 @@ from keras_openpi.data.transforms import PadStatesAndActions
 from keras_openpi.data.transforms import PromptFromLeRobotTask
 from keras_openpi.data.transforms import Repack
 from keras_openpi.data.transforms import ResizeImages
+from keras_openpi.data.transforms import SubsampleActions
 from keras_openpi.data.transforms import Unnormalize
+from keras_openpi.data.transforms import transform_dict
 from keras_openpi.data.transforms import compose
 from keras_openpi.data.transforms import flatten_dict
 from keras_openpi.data.transforms import make_bool_mask
@@ -264,6 +266,61 @@ def test_normalize_nested_keys_and_checks():
         Normalize(stats, use_quantiles=True)
     with pytest.warns(UserWarning, match="'gripper' dimension 1 has a near-zero range"):
         Normalize({"gripper": NormStats(mean=[0.0, 1.0], std=[1.0, 0.0])})
+
+
+def test_normalize_strict_needs_every_stats_key():
+    sample = {"state": np.array([3.0, 2.0, 4.0])}
+    assert "actions" not in Normalize(STATS)(sample)  # openpi's default: missing keys pass
+    with pytest.raises(
+        ValueError,
+        match="Normalize: norm stats key 'actions' is not in the sample \\['state'\\] \\(strict",
+    ):
+        Normalize(STATS, strict=True)(sample)
+    out = Normalize(STATS, strict=True)({**sample, "actions": np.array([[1.0, 2.0]])})
+    np.testing.assert_allclose(out["actions"], [[0.0, 0.0]])
+
+
+# === Restructuring ===
+
+
+def test_transform_dict_as_openpi():
+    # openpi's own cases (transforms_test.py): rename and remove, conflicts, full matches,
+    # removal by regex, backreferences.
+    tree = {"a": {"b": 1, "c": 2}}
+    assert transform_dict({"a/b": "a/c", "a/c": None}, tree) == {"a": {"c": 1}}
+    with pytest.raises(
+        ValueError, match="key 'a/c' already exists in the output \\(from 'a/b' and 'a/c'\\)"
+    ):
+        transform_dict({"a/b": "a/c"}, tree)
+    assert transform_dict({"a": None}, tree) == tree
+    assert transform_dict({"a.+": None}, tree) == {}
+    tree = {"a": {"b": 1, "c": 1}, "b": {"c": 2}}
+    assert transform_dict({"(.+)/c": r"\1/d"}, tree) == {"a": {"b": 1, "d": 1}, "b": {"d": 2}}
+    assert tree == {"a": {"b": 1, "c": 1}, "b": {"c": 2}}  # input untouched
+
+
+def test_transform_dict_first_pattern_wins_and_errors():
+    tree = {"images": {"top": 1, "wrist": 2}, "state": 3}
+    patterns = {"images/top": "image/base_0_rgb", "images/(.+)": r"image/\1_rgb"}
+    assert transform_dict(patterns, tree) == {
+        "image": {"base_0_rgb": 1, "wrist_rgb": 2},
+        "state": 3,
+    }
+    with pytest.raises(ValueError, match="leaf 'state' aliases a node of 'state/x'"):
+        transform_dict({"images/top": "state/x"}, tree)
+    with pytest.raises(ValueError, match="pattern '\\(' is not a regular expression"):
+        transform_dict({"(": None}, tree)
+
+
+def test_subsample_actions():
+    sample = {"actions": np.arange(10).reshape(5, 2), "state": np.zeros(2)}
+    out = SubsampleActions(2)(sample)
+    np.testing.assert_array_equal(out["actions"], [[0, 1], [4, 5], [8, 9]])
+    assert sample["actions"].shape == (5, 2) and out["state"] is sample["state"]
+    np.testing.assert_array_equal(SubsampleActions(1)(sample)["actions"], sample["actions"])
+    assert SubsampleActions(3)({"state": 1}) == {"state": 1}  # inference: no actions
+    with pytest.raises(ValueError, match="'stride' must be a positive int, got 0"):
+        SubsampleActions(0)
 
 
 # === Augmentation ===

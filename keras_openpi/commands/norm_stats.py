@@ -49,6 +49,22 @@ def add_parser(subparsers):
         help="use a random subset of this many samples (as openpi's --max-frames)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-frames subset")
+    parser.add_argument(
+        "--quantiles",
+        choices=("exact", "openpi"),
+        default="exact",
+        help="how q01/q99 are computed: 'exact' (default; within 1/5000 of the data's range of "
+        "np.quantile) or 'openpi' (openpi's RunningStats histogram, reproduced number for "
+        "number: mean and std too, from float32 batches of --batch-size samples in order, the "
+        "samples past the last full batch left out as openpi's loader does)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="with --quantiles openpi: the batch_size of the openpi config whose stats are "
+        "reproduced (default 32, openpi's TrainConfig default)",
+    )
     return parser
 
 
@@ -119,8 +135,15 @@ def run(args):
     from keras_openpi.data.normalize import compute_norm_stats
     from keras_openpi.data.normalize import save_norm_stats
 
+    from keras_openpi.data.normalize import OPENPI_BATCH_SIZE
+
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError(f"--max-frames must be at least 2, got {args.max_frames}.")
+    if args.batch_size is not None and args.quantiles != "openpi":
+        raise ValueError("--batch-size sets openpi's batches: it needs --quantiles openpi.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    batch_size = OPENPI_BATCH_SIZE if args.batch_size is None else args.batch_size
     keys = parse_keys(args.keys)
     samples = open_source(
         args.source,
@@ -131,7 +154,13 @@ def run(args):
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = compute_norm_stats(samples, keys=tuple(keys), max_samples=args.max_frames)
+        stats = compute_norm_stats(
+            samples,
+            keys=tuple(keys),
+            max_samples=args.max_frames,
+            quantiles=args.quantiles,
+            batch_size=batch_size,
+        )
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     path = save_norm_stats(args.output, stats)

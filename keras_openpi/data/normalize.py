@@ -341,7 +341,27 @@ def _sample_origin(sample, number, value, index):
     return origin + (f" ({', '.join(parts)})" if parts else "")
 
 
-def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chunk_size=8192):
+QUANTILE_METHODS = ("exact", "openpi")
+# openpi's TrainConfig.batch_size: the batches its compute_norm_stats.py updates with.
+OPENPI_BATCH_SIZE = 32
+
+
+def _openpi_loader_dtype(value):
+    """The dtype openpi's JAX loader gives `value` (64-bit types become 32-bit, as without x64)."""
+    narrow = {"f": np.float32, "i": np.int32, "u": np.uint32}
+    if value.dtype.itemsize == 8 and value.dtype.kind in narrow:
+        return value.astype(narrow[value.dtype.kind])
+    return value
+
+
+def compute_norm_stats(
+    samples,
+    keys=("state", "actions"),
+    max_samples=None,
+    chunk_size=8192,
+    quantiles="exact",
+    batch_size=OPENPI_BATCH_SIZE,
+):
     """Norm stats of `keys` over an iterable of samples.
 
     The data source interface: any iterable of mappings (a dataset, a
@@ -349,21 +369,43 @@ def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chu
     leading axis counts as vectors (an action chunk (H, d) adds H vectors, as
     in openpi). Warns about near-constant dimensions.
 
+    `quantiles="openpi"` reproduces openpi's `compute_norm_stats.py` number
+    for number (`OpenpiRunningStats`): the samples go in as openpi's loader
+    gives them (float32, `batch_size` samples per update, in order) and the
+    samples past the last full batch are left out, as openpi's loader leaves
+    them out (with a warning saying how many).
+
     Args:
         samples: iterable of sample dicts.
         keys: the keys to describe.
         max_samples: stop after this many samples (None: all).
-        chunk_size: vectors buffered per histogram update.
+        chunk_size: vectors buffered per histogram update (`"exact"`).
+        quantiles: `"exact"` (`RunningStats`: within one fine bin of
+            `np.quantile`) or `"openpi"` (openpi's histogram estimate).
+        batch_size: the samples per update of `"openpi"`: the `batch_size`
+            of the openpi config whose stats are reproduced.
 
     Returns:
         `{key: NormStats}`.
+
+    Raises:
+        ValueError: a sample lacks a key or holds NaN/inf, there are no
+            samples, or (`"openpi"`) fewer than `batch_size`.
 
     Example:
     >>> data = [{"state": np.array([i, -i]), "actions": np.ones((4, 2)) * i} for i in range(10)]
     >>> compute_norm_stats(data)["actions"].mean
     array([4.5, 4.5])
     """
-    running = {key: RunningStats() for key in keys}
+    from keras_openpi.data.openpi_running_stats import OpenpiRunningStats
+
+    if quantiles not in QUANTILE_METHODS:
+        raise ValueError(f"'quantiles' must be one of {QUANTILE_METHODS}, got {quantiles!r}.")
+    openpi = quantiles == "openpi"
+    whole = isinstance(batch_size, int) and not isinstance(batch_size, bool)
+    if openpi and not (whole and batch_size >= 1):
+        raise ValueError(f"'batch_size' must be a positive integer, got {batch_size!r}.")
+    running = {key: OpenpiRunningStats() if openpi else RunningStats() for key in keys}
     buffers = {key: [] for key in keys}
     buffered = dict.fromkeys(keys, 0)
     seen = 0
@@ -376,9 +418,12 @@ def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chu
                     f"sample {seen} has no {key!r} to compute norm stats of; "
                     f"it has {sorted(sample)}."
                 )
-            value = np.asarray(sample[key], dtype=np.float64)
-            if value.ndim == 0:
-                raise ValueError(f"sample {seen}: {key!r} must have shape (..., d), got a scalar.")
+            value = np.asarray(sample[key])
+            if value.ndim == 0 or value.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"sample {seen}: {key!r} must be a numeric array of shape (..., d), got "
+                    f"dtype {value.dtype} and shape {value.shape}."
+                )
             bad = first_non_finite(value)
             if bad is not None:
                 raise ValueError(
@@ -386,17 +431,38 @@ def compute_norm_stats(samples, keys=("state", "actions"), max_samples=None, chu
                     f"{key!r} holds {bad[1]} at index {bad[0]}; norm stats need finite values "
                     "(fix the data, or leave those frames out)."
                 )
-            buffers[key].append(value.reshape(-1, value.shape[-1]))
+            if openpi:
+                buffers[key].append(_openpi_loader_dtype(value).reshape(-1, value.shape[-1]))
+                if len(buffers[key]) == batch_size:
+                    running[key].update(np.concatenate(buffers[key]))
+                    buffers[key] = []
+                continue
+            buffers[key].append(value.astype(np.float64).reshape(-1, value.shape[-1]))
             buffered[key] += buffers[key][-1].shape[0]
             if buffered[key] >= chunk_size:
                 running[key].update(np.concatenate(buffers[key]))
                 buffers[key], buffered[key] = [], 0
         seen += 1
-    for key in keys:
-        if buffers[key]:
-            running[key].update(np.concatenate(buffers[key]))
     if seen == 0:
         raise ValueError("the data source gave no samples to compute norm stats of.")
+    if openpi:
+        if seen < batch_size:
+            raise ValueError(
+                f"openpi's quantiles use whole batches of {batch_size} samples, but the data "
+                f"source gave {seen} (lower the batch size)."
+            )
+        if seen % batch_size:
+            warnings.warn(
+                f"openpi quantiles: the last {seen % batch_size} of {seen} samples (past the "
+                f"last full batch of {batch_size}) are left out, as openpi's loader leaves "
+                "them out.",
+                UserWarning,
+                stacklevel=2,
+            )
+    else:
+        for key in keys:
+            if buffers[key]:
+                running[key].update(np.concatenate(buffers[key]))
     stats = {key: running[key].get_statistics() for key in keys}
     warn_near_zero_range(stats)
     return stats

@@ -12,6 +12,7 @@ applies the same inputs, then `model outputs → Unnormalize → robot outputs`
 """
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +59,62 @@ def unflatten_dict(flat, sep="/"):
             node = node.setdefault(name, {})
         node[leaf] = value
     return tree
+
+
+def transform_dict(patterns, tree):
+    r"""Renames and removes the leaves of a nested dict by regular expressions (openpi's).
+
+    Each leaf's "/"-joined path is matched against the `patterns` in order;
+    the first pattern that matches the *whole* path decides: its value is the
+    new path (`re.sub` syntax, so `\1` refers to a group), or None to remove
+    the leaf. Leaves that no pattern matches keep their path.
+
+    Args:
+        patterns: `{regex over paths: new path or None}`, tried in order.
+        tree: a nested dict.
+
+    Returns:
+        A new nested dict.
+
+    Raises:
+        ValueError: a pattern is not a valid regular expression, two leaves get
+            the same path, or a leaf's path is also a node of another leaf.
+
+    Example:
+    >>> transform_dict({"(.+)/c": r"\1/d", "b": None}, {"a": {"c": 1}, "b": 2, "e": 3})
+    {'a': {'d': 1}, 'e': 3}
+    """
+    compiled = []
+    for pattern, replacement in patterns.items():
+        try:
+            compiled.append((re.compile(pattern), replacement))
+        except re.error as error:
+            raise ValueError(
+                f"transform_dict: pattern {pattern!r} is not a regular expression: {error}"
+            ) from None
+    output, sources = {}, {}
+    for path, value in flatten_dict(tree).items():
+        new_path = path
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(path):
+                new_path = None if replacement is None else pattern.sub(replacement, path, count=1)
+                break
+        if new_path is None:
+            continue
+        if new_path in output:
+            raise ValueError(
+                f"transform_dict: key {new_path!r} already exists in the output "
+                f"(from {sources[new_path]!r} and {path!r})."
+            )
+        output[new_path], sources[new_path] = value, path
+    names = sorted(output)
+    for name, next_name in zip(names, names[1:]):
+        if next_name.startswith(name + "/"):
+            raise ValueError(
+                f"transform_dict: leaf {name!r} aliases a node of {next_name!r} (a path cannot "
+                "be both a value and a dict)."
+            )
+    return unflatten_dict(output)
 
 
 def _find_path(tree, path, sep="/"):
@@ -281,6 +338,37 @@ class AbsoluteActions:
 
 
 @dataclasses.dataclass(frozen=True)
+class SubsampleActions:
+    """Keeps every `stride`-th step of the action chunk: `actions[::stride]` (openpi's).
+
+    A no-op without `actions` (inference).
+
+    Args:
+        stride: a positive step.
+
+    Example:
+    >>> SubsampleActions(2)({"actions": np.arange(5)[:, None]})["actions"][:, 0]
+    array([0, 2, 4])
+    """
+
+    stride: int
+
+    def __post_init__(self):
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(
+                f"SubsampleActions: 'stride' must be a positive int, got {self.stride!r}."
+            )
+
+    def __call__(self, data):
+        if "actions" not in data:
+            return data
+        actions = np.asarray(data["actions"])
+        if actions.ndim == 0:
+            raise ValueError("SubsampleActions: 'actions' must be a chunk (H, ...), got a scalar.")
+        return {**data, "actions": actions[:: self.stride]}
+
+
+@dataclasses.dataclass(frozen=True)
 class PadStatesAndActions:
     """Zero-pads the last axis of `state` and `actions` to the model's `action_dim`."""
 
@@ -468,10 +556,12 @@ class Normalize:
     Args:
         norm_stats: `{"/"-path: NormStats}` (e.g. `state`, `actions`), or None (no-op).
         use_quantiles: quantile instead of z-score (openpi: π0.5 and π0-FAST).
+        strict: every stats key must be in the sample (openpi's `strict`).
     """
 
     norm_stats: Mapping[str, NormStats] | None
     use_quantiles: bool = False
+    strict: bool = False
 
     def __post_init__(self):
         if self.norm_stats is not None:
@@ -486,6 +576,11 @@ class Normalize:
             if keys is not None:
                 data = _replace_path(
                     data, keys, lambda x: normalize(x, stats, self.use_quantiles, key=key)
+                )
+            elif self.strict:
+                raise ValueError(
+                    f"Normalize: norm stats key {key!r} is not in the sample "
+                    f"{sorted(flatten_dict(data))} (strict=True)."
                 )
         return data
 

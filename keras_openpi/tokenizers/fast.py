@@ -3,9 +3,9 @@
 import json
 import logging
 import pathlib
+import shutil
 
 import numpy as np
-import scipy.fft
 from tokenizers import Tokenizer
 from tokenizers import decoders
 from tokenizers import models
@@ -13,15 +13,17 @@ from tokenizers import pre_tokenizers
 from tokenizers import processors
 from tokenizers import trainers
 
+from keras_openpi.tokenizers import fast_processor
+from keras_openpi.tokenizers.fast_processor import PROCESSOR_CONFIG
+from keras_openpi.tokenizers.fast_processor import TOKENIZER_FILE
+from keras_openpi.tokenizers.fast_processor import TOKENIZER_SUBFOLDER
+
 logger = logging.getLogger(__name__)
 
-PROCESSOR_CONFIG = "processor_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-# transformers' ProcessorMixin may save the tokenizer files under the attribute's name.
-TOKENIZER_SUBFOLDER = "bpe_tokenizer"
-# Symbols are code points below the UTF-16 surrogates (which no UTF-8 string can hold).
-MAX_SYMBOL = 0xD7FF
 NUM_BYTES = 256
+# The processor module's file name in a saved directory, and the class `AutoProcessor` loads.
+PROCESSOR_MODULE = "fast_processor.py"
+AUTO_MAP = {"AutoProcessor": "fast_processor.UniversalActionProcessor"}
 
 
 def _bpe_tokenizer():
@@ -102,22 +104,14 @@ class FASTTokenizer:
 
     def quantize(self, chunk):
         """The rounded, scaled DCT coefficients (H, D) int64 of an (H, D) chunk (unshifted)."""
-        chunk = _check_chunk(chunk)
-        return np.around(scipy.fft.dct(chunk, axis=0, norm="ortho") * self.scale).astype(np.int64)
+        return fast_processor.quantize(_check_chunk(chunk), self.scale)
 
     def dequantize(self, coefficients):
         """The (H, D) chunk of quantized coefficients: inverse DCT of `coefficients / scale`."""
-        coefficients = np.asarray(coefficients, dtype=np.float64) / self.scale
-        return scipy.fft.idct(coefficients, axis=0, norm="ortho")
+        return fast_processor.dequantize(coefficients, self.scale)
 
     def _to_text(self, coefficients):
-        symbols = np.maximum(coefficients.reshape(-1) - self.min_token, 0)
-        if symbols.size and symbols.max() > MAX_SYMBOL:
-            raise ValueError(
-                f"a quantized DCT coefficient ({int(symbols.max()) + self.min_token}) is too large "
-                f"to encode: lower 'scale' (now {self.scale}) or normalize the actions."
-            )
-        return "".join(map(chr, symbols.tolist()))
+        return fast_processor.to_text(coefficients, self.min_token, self.scale)
 
     # === Training ===
 
@@ -221,24 +215,16 @@ class FASTTokenizer:
                 "decode needs the chunk shape: pass 'horizon' and 'dim' (or set time_horizon "
                 "and action_dim on the tokenizer)."
             )
-        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
-        problem = None
-        bad = [i for i in ids if not 0 <= i < bpe.get_vocab_size()]
-        if bad:
-            problem = f"ids outside [0, {bpe.get_vocab_size()}): {bad[:8]}"
-        else:
-            text = bpe.decode(ids)
-            if "\ufffd" in text:
-                problem = "the ids do not form valid characters (a split multi-byte symbol)"
-            elif len(text) != horizon * dim:
-                problem = f"{len(text)} coefficients, expected {horizon} x {dim} = {horizon * dim}"
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        chunk, problem = fast_processor.decode_text(
+            bpe.decode, bpe.get_vocab_size(), ids, horizon, dim, self.min_token, self.scale
+        )
         if problem is not None:
             logger.warning(
                 "FAST: cannot decode %d tokens (%s); returning zeros.", len(ids), problem
             )
             return np.zeros((horizon, dim), np.float32)
-        symbols = np.fromiter(map(ord, text), dtype=np.int64, count=len(text))
-        return self.dequantize((symbols + self.min_token).reshape(horizon, dim)).astype(np.float32)
+        return chunk.astype(np.float32)
 
     # === Files ===
 
@@ -253,17 +239,27 @@ class FASTTokenizer:
         }
 
     def save(self, directory):
-        """Writes the tokenizer in the released processor's format.
+        """Writes the tokenizer in the released processor's format, loadable by openpi.
 
         Files: `processor_config.json` (scale, vocab_size, min_token,
-        time_horizon, action_dim, processor_class), `tokenizer.json` (the
-        BPE), and `tokenizer_config.json` / `special_tokens_map.json` so that
+        time_horizon, action_dim, processor_class and the `auto_map` that
+        `transformers.AutoProcessor` follows), `fast_processor.py` (the
+        processor class it names: `keras_openpi.tokenizers.fast_processor`),
+        `tokenizer.json` (the BPE), and `tokenizer_config.json` /
+        `special_tokens_map.json` so that
         `transformers.PreTrainedTokenizerFast.from_pretrained` reads it too.
+        openpi's `AutoProcessor.from_pretrained(directory, trust_remote_code=True)`
+        then gives a processor with this tokenizer's ids and chunks.
         """
         bpe = self._fitted_bpe()
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {**self.get_config(), "processor_class": "UniversalActionProcessor"}
+        config = {
+            **self.get_config(),
+            "auto_map": AUTO_MAP,
+            "processor_class": "UniversalActionProcessor",
+        }
+        shutil.copyfile(fast_processor.__file__, directory / PROCESSOR_MODULE)
         config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         (directory / PROCESSOR_CONFIG).write_text(config_text)
         bpe.save(str(directory / TOKENIZER_FILE))
@@ -297,8 +293,7 @@ class FASTTokenizer:
         for key in ("scale", "min_token"):
             if config.get(key) is None:
                 raise ValueError(f"{config_path} has no '{key}': got keys {sorted(config)}.")
-        candidates = (directory / TOKENIZER_FILE, directory / TOKENIZER_SUBFOLDER / TOKENIZER_FILE)
-        tokenizer_path = next((path for path in candidates if path.is_file()), None)
+        tokenizer_path = fast_processor.find_tokenizer_file(directory)
         if tokenizer_path is None:
             raise FileNotFoundError(
                 f"no {TOKENIZER_FILE} in {directory} (nor in {TOKENIZER_SUBFOLDER}/): the FAST "
