@@ -404,8 +404,9 @@ def test_processor_reads_released_layout(data, tmp_path, subfolder):
 
 
 def test_auto_processor_loads_saved_directory(fitted, data, tmp_path):
-    """openpi's own call, where transformers is installed (it is not in keras_openpi's env)."""
-    transformers = pytest.importorskip("transformers")
+    """openpi's own call (transformers is in the test extra for this test)."""
+    import transformers
+
     directory = fitted.save(tmp_path / "fast")
     processor = transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=True)
     assert type(processor).__name__ == "UniversalActionProcessor"
