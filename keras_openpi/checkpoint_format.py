@@ -7,23 +7,27 @@ it imports neither, so the format has one home below both.
     <run_dir>/
       <step>/                           one checkpoint, e.g. 1000/
         manifest.json                   the format, the step, and every other file's
-                                        size and sha256 (written last)
+                                        size and sha256 (written last, by process 0)
         model.json                      the model (class and config, fine-tuning included)
-        model_weights.npz               every model variable by path: LoRA adapters unmerged,
+        arrays/                         orbax (OCDBT), written by every process
+          model_weights/                every model variable by path: LoRA adapters unmerged,
                                         frozen weights in their dtype, the noise generator's state
-        ema_weights.npz                 the EMA of the trainable weights (with EMA on)
-        optimizer.npz                   the other optimizer variables (step count, Adam moments)
+          ema_weights/                  the EMA of the trainable weights (with EMA on)
+          optimizer/                    the other optimizer variables (step count, Adam moments)
         state.json                      step, data-iterator position, train config
         assets/<asset_id>/norm_stats.json
 
-A step directory is a checkpoint when its `manifest.json` names this format
-and its step and every file it lists is there with the listed size
-(`checkpoint_problem`); with `checksums=True` the files' sha256 must match
-too and `state.json` must parse. Anything else (a folder a crash left, a file
-deleted, truncated or changed) is not a checkpoint: listing skips it, and
-loading a run directory falls back to the newest complete checkpoint and
-warns. The inference weights of a step are its EMA weights (with EMA on)
-over the model weights, as openpi's `params`.
+The arrays are in orbax's OCDBT format (`keras_openpi.checkpoint_arrays`):
+on several hosts each process writes the shards it holds, and the
+checkpoint reads back onto any mesh and process count. A step directory is
+a checkpoint when its `manifest.json` names this format and its step and
+every file it lists is there with the listed size (`checkpoint_problem`);
+with `checksums=True` the files' sha256 must match too and `state.json`
+must parse. Anything else (a folder a crash left, a file deleted, truncated
+or changed) is not a checkpoint: listing skips it, and loading a run
+directory falls back to the newest complete checkpoint and warns. The
+inference weights of a step are its EMA weights (with EMA on) over the
+model weights, as openpi's `params`.
 """
 
 import hashlib
@@ -31,24 +35,30 @@ import json
 import os
 import pathlib
 import warnings
-import zipfile
-import zlib
 
 import keras
-import numpy as np
 
-FORMAT = "keras_openpi.train_checkpoint/2"
+from keras_openpi.checkpoint_arrays import ARRAYS_DIR
+from keras_openpi.checkpoint_arrays import EMA_ITEM
+from keras_openpi.checkpoint_arrays import OPTIMIZER_ITEM
+from keras_openpi.checkpoint_arrays import WEIGHTS_ITEM
+from keras_openpi.checkpoint_arrays import ArraysError
+from keras_openpi.checkpoint_arrays import array_specs
+from keras_openpi.checkpoint_arrays import read_items
+
+FORMAT = "keras_openpi.train_checkpoint/3"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.json"
-WEIGHTS_FILE = "model_weights.npz"
-EMA_FILE = "ema_weights.npz"
-OPTIMIZER_FILE = "optimizer.npz"
 ASSETS_DIR = "assets"
-REQUIRED_FILES = (MODEL_FILE, WEIGHTS_FILE, STATE_FILE)
+# The folders of the arrays, relative to a step directory.
+WEIGHTS_DIR = f"{ARRAYS_DIR}/{WEIGHTS_ITEM}"
+EMA_DIR = f"{ARRAYS_DIR}/{EMA_ITEM}"
+OPTIMIZER_DIR = f"{ARRAYS_DIR}/{OPTIMIZER_ITEM}"
+# Files (or folders: every file in them) a checkpoint's manifest must list.
+REQUIRED_FILES = (MODEL_FILE, STATE_FILE, WEIGHTS_DIR)
 # Loading for inference reads no optimizer state, so it does not checksum it.
-INFERENCE_UNCHECKED = (OPTIMIZER_FILE,)
-_DTYPES_KEY = "__dtypes__"
+INFERENCE_UNCHECKED = (OPTIMIZER_DIR,)
 
 
 class CheckpointError(ValueError):
@@ -68,45 +78,6 @@ def write_text(path, text):
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
-
-
-def write_arrays(path, arrays):
-    """Writes `{name: array}` as an `.npz`; dtypes numpy lacks (bfloat16) are stored as raw bits."""
-    stored, dtypes = {}, {}
-    for name, array in arrays.items():
-        if array.dtype.kind == "V" or array.dtype.name not in np.sctypeDict:
-            dtypes[name] = array.dtype.name
-            array = array.view(f"uint{8 * array.dtype.itemsize}")
-        stored[name] = array
-    stored[_DTYPES_KEY] = np.array(json.dumps(dtypes))
-    with open(path, "wb") as file:
-        np.savez(file, **stored)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def read_arrays(path):
-    """`{name: array}` of an `.npz` written by `write_arrays`.
-
-    Raises:
-        CheckpointError: the file is missing, truncated or not such an `.npz`.
-    """
-    import ml_dtypes
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            dtypes = json.loads(str(data[_DTYPES_KEY])) if _DTYPES_KEY in data.files else {}
-            arrays = {}
-            for name in data.files:
-                if name == _DTYPES_KEY:
-                    continue
-                array = data[name]
-                if name in dtypes:
-                    array = array.view(getattr(ml_dtypes, dtypes[name]))
-                arrays[name] = array
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-        raise CheckpointError(f"{path} cannot be read as arrays: {error}") from None
-    return arrays
 
 
 def read_json(path):
@@ -150,26 +121,53 @@ def fsync_dir(path):
 # === Manifest ===
 
 
-def write_manifest(directory, fmt=FORMAT, **fields):
+def _under(name, prefixes):
+    """Whether the relative file `name` is one of `prefixes` or inside one of them."""
+    return any(name == prefix or name.startswith(prefix + "/") for prefix in prefixes)
+
+
+def file_digests(directory, names):
+    """`{name: {"bytes", "sha256"}}` of the files `names` (relative to `directory`)."""
+    directory = pathlib.Path(directory)
+    return {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": sha256(directory / name)}
+        for name in names
+    }
+
+
+def write_manifest(directory, fmt=FORMAT, digests=None, **fields):
     """Writes `manifest.json` listing every file under `directory` with its size and sha256.
 
     Args:
         directory: the folder, complete but for its manifest.
         fmt: the format it is in.
+        digests: `{name: {"bytes", "sha256"}}` already computed (e.g. by the
+            processes that wrote those files); the other files are read here.
         **fields: more JSON-able entries (e.g. `step`).
 
     Returns:
         the manifest dict.
     """
     directory = pathlib.Path(directory)
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        if name != MANIFEST_FILE:
-            files[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    digests = digests or {}
+    names = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
+    )
+    names = [name for name in names if name != MANIFEST_FILE]
+    files = file_digests(directory, [name for name in names if name not in digests])
+    files = {name: files.get(name) or digests[name] for name in names}
     manifest = {"format": fmt, **fields, "files": files}
     write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _missing(directory, name):
+    """The shallowest missing part of the relative path `name` (e.g. a whole folder)."""
+    parts = name.split("/")
+    for end in range(1, len(parts) + 1):
+        if not (directory / "/".join(parts[:end])).exists():
+            return "/".join(parts[:end])
+    return name
 
 
 def manifest_problem(directory, fmt, required=(), checksums=False, unchecked=(), **fields):
@@ -178,9 +176,9 @@ def manifest_problem(directory, fmt, required=(), checksums=False, unchecked=(),
     Args:
         directory: the folder.
         fmt: the format its manifest must name.
-        required: files the manifest must list.
+        required: files (or folders) the manifest must list (files in).
         checksums: also compare the files' sha256 (reads them).
-        unchecked: files whose sha256 `checksums` leaves out (their size is checked).
+        unchecked: files (or folders) whose sha256 `checksums` leaves out (their size is checked).
         **fields: entries the manifest must hold with these values (e.g. `step=1000`).
 
     Returns:
@@ -202,25 +200,32 @@ def manifest_problem(directory, fmt, required=(), checksums=False, unchecked=(),
             return f"{MANIFEST_FILE} says {key} {manifest.get(key)!r}, expected {value!r}"
     files = manifest["files"]
     for name in required:
-        if name not in files:
+        if not any(_under(listed, (name,)) for listed in files):
             return f"{MANIFEST_FILE} does not list {name}"
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{_missing(directory, name)} is missing"
         size = path.stat().st_size
         if size != entry.get("bytes"):
             return (
                 f"{name} has {size} bytes, {MANIFEST_FILE} lists {entry.get('bytes')} (truncated?)"
             )
-        if checksums and name not in unchecked and _sha256(path) != entry.get("sha256"):
-            return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupt)"
+    if checksums:
+        for name, entry in files.items():
+            if not _under(name, unchecked) and _sha256(directory / name) != entry.get("sha256"):
+                return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupt)"
     return None
 
 
 def manifest_files(directory):
     """The file names a (complete) folder's manifest lists."""
     return set(read_json(pathlib.Path(directory) / MANIFEST_FILE)["files"])
+
+
+def holds(step_dir, folder):
+    """Whether a complete checkpoint's manifest lists files in `folder` (e.g. `OPTIMIZER_DIR`)."""
+    return any(_under(name, (folder,)) for name in manifest_files(step_dir))
 
 
 # === Checkpoints ===
@@ -233,12 +238,12 @@ def checkpoint_problem(step_dir, checksums=False, unchecked=()):
         step_dir: a `<step>` directory.
         checksums: also compare the files' sha256 and parse `state.json`
             (reads the files; the size check alone reads none).
-        unchecked: files whose sha256 `checksums` leaves out, e.g. the
-            optimizer state when loading for inference.
+        unchecked: files (or folders) whose sha256 `checksums` leaves out,
+            e.g. the optimizer state when loading for inference.
 
     Returns:
         None, or one phrase naming the file and what is wrong with it, e.g.
-        "optimizer.npz is missing".
+        "arrays/optimizer is missing".
     """
     step_dir = pathlib.Path(step_dir)
     step = int(step_dir.name) if step_dir.name.isdigit() else None
@@ -340,36 +345,79 @@ def by_path(variables, what):
     return named
 
 
-def assign_arrays(named, arrays, source, what):
-    """Assigns `arrays[key]` to each `named[key]` variable; names, shapes and dtypes must match.
+def check_arrays(named, specs, source, what, subset=False):
+    """Raises unless the stored arrays fit the variables: the same names, shapes and dtypes.
 
-    Nothing is assigned unless everything matches.
+    Args:
+        named: `{path: variable}`.
+        specs: `{name: (shape, dtype name)}` of the stored arrays (`array_specs`).
+        source: the arrays' folder, for the message.
+        what: what the variables are ("model", "optimizer", "EMA").
+        subset: the arrays may cover only some of the variables.
 
     Raises:
         CheckpointError: naming `source`, the variable and what differs.
     """
-    missing = sorted(set(named) - set(arrays))
-    unexpected = sorted(set(arrays) - set(named))
+    missing = [] if subset else sorted(set(named) - set(specs))
+    unexpected = sorted(set(specs) - set(named))
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match the {what}: {len(missing)} variables missing from the file "
             f"{missing[:3]}, {len(unexpected)} not in the {what} {unexpected[:3]} (a different "
             "model config or fine-tuning strategy?)."
         )
-    for key, variable in named.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(variable.shape):
+    for key, (shape, stored) in specs.items():
+        variable = named[key]
+        if tuple(shape) != tuple(variable.shape):
             raise CheckpointError(
-                f"{source}: {key!r} has shape {tuple(array.shape)}, the {what}'s variable "
+                f"{source}: {key!r} has shape {tuple(shape)}, the {what}'s variable "
                 f"{tuple(variable.shape)}."
             )
         dtype = keras.backend.standardize_dtype(variable.dtype)
-        if keras.backend.standardize_dtype(array.dtype) != dtype:
-            raise CheckpointError(
-                f"{source}: {key!r} is stored as {array.dtype}, the variable is {dtype}."
-            )
-    for key, variable in named.items():
-        variable.assign(arrays[key])
+        if keras.backend.standardize_dtype(stored) != dtype:
+            raise CheckpointError(f"{source}: {key!r} is stored as {stored}, the variable is {dtype}.")
+
+
+def stored_specs(step_dir, folder):
+    """`{name: (shape, dtype name)}` of the arrays in a checkpoint's `folder` (e.g. `WEIGHTS_DIR`)."""
+    path = pathlib.Path(step_dir) / folder
+    try:
+        return array_specs(path.parent, path.name)
+    except ArraysError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def _placement(variable, local):
+    """Where a restored array goes: the variable's sharding (JAX), or None for numpy."""
+    if local or keras.backend.backend() != "jax":
+        return None
+    return getattr(variable.value, "sharding", None)
+
+
+def restore_variables(step_dir, groups, local=False):
+    """Assigns a checkpoint's arrays to variables (read first, then all assigned).
+
+    Args:
+        step_dir: the checkpoint.
+        groups: `[(folder, {name: variable})]`: the arrays of `folder` (e.g.
+            `WEIGHTS_DIR`) to assign, already checked (`check_arrays`).
+        local: this process reads alone, whole arrays (no other process takes
+            part); otherwise every process reads the shards its variables hold.
+    """
+    step_dir = pathlib.Path(step_dir)
+    requests = {}
+    for folder, named in groups:
+        requests[folder.split("/", 1)[1]] = {
+            name: _placement(variable, local) for name, variable in named.items()
+        }
+    try:
+        arrays = read_items(step_dir / ARRAYS_DIR, requests, local=local)
+    except ArraysError as error:
+        raise CheckpointError(str(error)) from None
+    for folder, named in groups:
+        values = arrays[folder.split("/", 1)[1]]
+        for name, variable in named.items():
+            variable.assign(values[name])
 
 
 def load_model_spec(step_dir):
@@ -397,8 +445,15 @@ def load_checkpoint_model(path, use_ema=True):
     """
     step_dir = find_step_dir(path)
     model = load_model_spec(step_dir)
-    arrays = read_arrays(step_dir / WEIGHTS_FILE)
-    if use_ema and (step_dir / EMA_FILE).is_file():
-        arrays.update(read_arrays(step_dir / EMA_FILE))
-    assign_arrays(by_path(model.variables, "model"), arrays, step_dir / WEIGHTS_FILE, "model")
+    named = by_path(model.variables, "model")
+    weights = stored_specs(step_dir, WEIGHTS_DIR)
+    check_arrays(named, weights, step_dir / WEIGHTS_DIR, "model")
+    ema = {}
+    if use_ema and holds(step_dir, EMA_DIR):
+        ema = stored_specs(step_dir, EMA_DIR)
+        check_arrays(named, ema, step_dir / EMA_DIR, "model", subset=True)
+    raw = {name: v for name, v in named.items() if name not in ema}
+    averaged = {name: named[name] for name in ema}
+    groups = [(WEIGHTS_DIR, raw)] + ([(EMA_DIR, averaged)] if ema else [])
+    restore_variables(step_dir, groups, local=True)
     return model

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +33,12 @@ def small_model(value=0.0):
     return model
 
 
+def largest_file(folder):
+    """The biggest file under `folder`, relative to its step directory (an array's data)."""
+    path = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    return path.relative_to(folder.parents[1]).as_posix()
+
+
 def saved_run(tmp_path, steps=(2, 4, 6)):
     manager = CheckpointManager(tmp_path, keep_last=len(steps))
     for step in steps:
@@ -45,40 +52,47 @@ def test_a_checkpoint_lists_every_file_with_its_size_and_sha256(tmp_path):
     saved_run(tmp_path, steps=(2,))
     step_dir = tmp_path / "2"
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    assert manifest["format"] == "keras_openpi.train_checkpoint/2" and manifest["step"] == 2
+    assert manifest["format"] == "keras_openpi.train_checkpoint/3" and manifest["step"] == 2
     files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
     assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
-    assert set(manifest["files"]) == {
-        "assets/a/norm_stats.json",
-        "model.json",
-        "model_weights.npz",
-        "optimizer.npz",
-        "state.json",
-    }
+    assert {"assets/a/norm_stats.json", "model.json", "state.json"} < set(manifest["files"])
+    # The weights and the optimizer state in orbax's OCDBT layout; no EMA (it is off).
+    folders = {name.split("/")[1] for name in manifest["files"] if name.startswith("arrays/")}
+    assert folders == {"model_weights", "optimizer", "_CHECKPOINT_METADATA", "commit_success.txt"}
+    assert "arrays/model_weights/ocdbt.process_0/manifest.ocdbt" in manifest["files"]
     for name, entry in manifest["files"].items():
         data = (step_dir / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert checkpoint_problem(step_dir, checksums=True) is None
+    state = json.loads((step_dir / "state.json").read_text())
+    assert state["processes"] == 1 and state["data"] == {"next_batch": 2}
+
+
+def truncate_weights(step_dir):
+    name = largest_file(step_dir / "arrays" / "model_weights")
+    (step_dir / name).write_bytes(b"x")
+    return name
 
 
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda d: (d / "optimizer.npz").unlink(), "optimizer.npz is missing"),
+        (lambda d: shutil.rmtree(d / "arrays" / "optimizer"), "arrays/optimizer is missing"),
         (lambda d: (d / "manifest.json").unlink(), "it has no manifest.json"),
         (
             lambda d: (d / "manifest.json").write_text("{"),
             "manifest.json is not valid JSON",
         ),
         (
-            lambda d: (d / "model_weights.npz").write_bytes(b"x"),
-            "model_weights.npz has 1 bytes, manifest.json lists",
+            lambda d: truncate_weights(d) + " has 1 bytes, manifest.json lists",
+            None,
         ),
     ],
 )
 def test_an_incomplete_checkpoint_is_not_listed_and_says_why(tmp_path, damage, problem):
     manager = saved_run(tmp_path)
-    damage(tmp_path / "6")
+    named = damage(tmp_path / "6")
+    problem = problem or named  # the truncated file's name is known once it is chosen
     assert manager.steps() == [2, 4]
     assert problem in checkpoint_problem(tmp_path / "6")
 
@@ -89,9 +103,11 @@ def flip_last_byte(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["state.json", "model_weights.npz"])
+@pytest.mark.parametrize("name", ["state.json", "weights"])
 def test_a_corrupt_file_is_named_and_loading_falls_back(tmp_path, name):
     saved_run(tmp_path)
+    if name == "weights":
+        name = largest_file(tmp_path / "6" / "arrays" / "model_weights")
     flip_last_byte(tmp_path / "6" / name)
     problem = f"{name} does not match its sha256 in manifest.json (corrupt)"
     assert checkpoint_problem(tmp_path / "6") is None  # same size: only the checksum tells
@@ -107,10 +123,13 @@ def test_a_corrupt_file_is_named_and_loading_falls_back(tmp_path, name):
     assert point.state["data"] == {"next_batch": 4}
 
 
-def test_an_unreadable_npz_is_named(tmp_path):
-    (tmp_path / "w.npz").write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/w.npz cannot be read as arrays: "):
-        checkpoint_format.read_arrays(tmp_path / "w.npz")
+def test_unreadable_arrays_are_named(tmp_path):
+    (tmp_path / "arrays" / "model_weights").mkdir(parents=True)
+    (tmp_path / "arrays" / "model_weights" / "_METADATA").write_text("not json")
+    with pytest.raises(
+        CheckpointError, match=rf"^{tmp_path}/arrays/model_weights cannot be read as arrays: "
+    ):
+        checkpoint_format.stored_specs(tmp_path, "arrays/model_weights")
 
 
 def test_resume_skips_a_checkpoint_without_optimizer_state_and_refuses_when_none_is_left(tmp_path):
@@ -121,14 +140,21 @@ def test_resume_skips_a_checkpoint_without_optimizer_state_and_refuses_when_none
     assert manager.steps() == [2, 4]  # complete, but it cannot be continued exactly
     point = choose_checkpoint(tmp_path, end_step=10)
     assert point.step == 2 and point.skipped == [
-        (4, "it holds no optimizer.npz (resuming would restart the optimizer's warm-up)")
+        (
+            4,
+            "it holds no optimizer state (arrays/optimizer; resuming would restart the "
+            "optimizer's warm-up)",
+        )
     ]
-    with pytest.raises(CheckpointError, match="holds no optimizer.npz: restoring it would restart"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds no optimizer state \(arrays/optimizer\): restoring it would restart",
+    ):
         manager.restore(small_model(), 4)
     (tmp_path / "2" / "state.json").write_text("{}")
     with pytest.raises(
         CheckpointError,
-        match=rf"^{tmp_path} holds no checkpoint to resume \(4: it holds no optimizer.npz .*; 2: "
+        match=rf"^{tmp_path} holds no checkpoint to resume \(4: it holds no optimizer state .*; 2: "
         r"state.json has 2 bytes, manifest.json lists \d+ \(truncated\?\)\): pass --overwrite to "
         r"start over \(it removes them\) or choose another --checkpoint-dir\.$",
     ):
@@ -161,9 +187,10 @@ def test_serving_reads_the_format_without_importing_training():
 
 def test_a_corrupt_optimizer_state_still_serves_but_is_not_resumed(tmp_path):
     saved_run(tmp_path)
-    flip_last_byte(tmp_path / "6" / "optimizer.npz")
+    name = largest_file(tmp_path / "6" / "arrays" / "optimizer")
+    flip_last_byte(tmp_path / "6" / name)
     assert find_step_dir(tmp_path) == tmp_path / "6"  # inference reads no optimizer state
     point = choose_checkpoint(tmp_path, end_step=10)
     assert point.step == 4 and point.skipped == [
-        (6, "optimizer.npz does not match its sha256 in manifest.json (corrupt)")
+        (6, f"{name} does not match its sha256 in manifest.json (corrupt)")
     ]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from keras_openpi.backend.train_step import StepLogsMixin
-from keras_openpi.checkpoint_format import read_arrays
+from keras_openpi.checkpoint_arrays import read_items
+from keras_openpi.checkpoint_format import stored_specs
 from keras_openpi.cli import main
 from keras_openpi.training import CheckpointManager
 from keras_openpi.training import NonFiniteError
@@ -18,7 +19,6 @@ from keras_openpi.training import Trainer
 from keras_openpi.training import apply_overrides
 from keras_openpi.training import get_config
 from keras_openpi.training import read_metrics
-from keras_openpi.training.checkpoints import first_non_finite
 from training_support import TINY_SETS
 from training_support import tiny_demo_config
 
@@ -118,9 +118,11 @@ def poison(trainer, batch_index):
 
 
 def all_finite(step_dir):
-    return all(
-        first_non_finite(read_arrays(path)) is None for path in sorted(step_dir.glob("*.npz"))
-    )
+    items = [p.name for p in (step_dir / "arrays").iterdir() if p.is_dir()]
+    requests = {item: dict.fromkeys(stored_specs(step_dir, f"arrays/{item}")) for item in items}
+    arrays = read_items(step_dir / "arrays", requests, local=True)
+    values = [a for item in items for a in arrays[item].values() if a.dtype.kind == "f"]
+    return "model_weights" in items and values and all(np.isfinite(a).all() for a in values)
 
 
 def test_a_nan_step_stops_the_run_keeps_the_good_checkpoints_and_resume_continues(tmp_path):

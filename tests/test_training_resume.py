@@ -42,6 +42,12 @@ def run(finished, tmp_path):
     return tmp_path / "run"
 
 
+def largest_file(folder):
+    """The biggest file under `folder`, relative to its step directory (an array's data)."""
+    path = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    return path.relative_to(folder.parents[1]).as_posix()
+
+
 def flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -56,17 +62,18 @@ def exported_weights(path):
 
 def test_an_incomplete_newest_checkpoint_is_skipped_and_nothing_is_lost(finished, run, tmp_path):
     original_metrics = read_metrics(run / "metrics.csv")
-    (run / "8" / "optimizer.npz").unlink()  # the issue's case: the newest lacks its optimizer
+    shutil.rmtree(run / "8" / "arrays" / "optimizer")  # the newest lacks its optimizer state
     lines = []
     result = Trainer(
         config_for(tmp_path), checkpoint_dir=run, resume=True, verbose=0, log=lines.append
     ).run()
-    assert f"checkpoint {run / '8'} is not usable: optimizer.npz is missing" in lines
+    assert f"checkpoint {run / '8'} is not usable: arrays/optimizer is missing" in lines
     assert f"moved {run / '8'} to {run / '8.skipped'}" in lines
     assert any(line.startswith("resuming at step 6: 2 steps to step 8 of 8") for line in lines)
     assert result["step"] == 8
     assert (
-        sorted((run / "8.skipped").iterdir()) and not (run / "8.skipped" / "optimizer.npz").exists()
+        sorted((run / "8.skipped").iterdir())
+        and not (run / "8.skipped" / "arrays" / "optimizer").exists()
     )
     assert CheckpointManager(run).steps() == [4, 6, 8]  # the new 8 is kept, nothing pruned early
     # metrics.csv is whole (steps 7 and 8 trained again, exactly as before); the first
@@ -82,8 +89,10 @@ def test_an_incomplete_newest_checkpoint_is_skipped_and_nothing_is_lost(finished
         np.testing.assert_allclose(value, finished[1][path], atol=1e-6, err_msg=path)
 
 
-@pytest.mark.parametrize("name", ["state.json", "model_weights.npz"])
+@pytest.mark.parametrize("name", ["state.json", "weights"])
 def test_a_corrupt_checkpoint_file_is_named_and_resume_falls_back(run, tmp_path, name):
+    if name == "weights":
+        name = largest_file(run / "8" / "arrays" / "model_weights")
     flip_last_byte(run / "8" / name)
     lines = []
     config = config_for(tmp_path, num_train_steps=10)
@@ -166,12 +175,13 @@ def test_an_interrupted_export_is_redone(finished, run, tmp_path, monkeypatch):
 
     # export-policy RUN_DIR: the newest complete checkpoint, with its norm stats.
     shutil.rmtree(run / "export")
-    flip_last_byte(run / "8" / "model_weights.npz")
+    corrupt = largest_file(run / "8" / "arrays" / "model_weights")
+    flip_last_byte(run / "8" / corrupt)
     code, out, err = export_cli(run, "--output", tmp_path / "policy")
     assert code == 0, err
     assert err == (
         f"keras-openpi export-policy: warning: {run}: using checkpoint 6; skipped 8 "
-        "(model_weights.npz does not match its sha256 in manifest.json (corrupt)).\n"
+        f"({corrupt} does not match its sha256 in manifest.json (corrupt)).\n"
     )
     assert out.splitlines()[0] == (
         f"exported checkpoint 6 to {tmp_path / 'policy' / 'policy.keras'} and its norm_stats.json"

@@ -9,7 +9,6 @@ import re
 import keras
 import numpy as np
 
-from keras_openpi.checkpoint_format import OPTIMIZER_FILE
 from keras_openpi.cli import main
 from keras_openpi.training import AdamW
 from keras_openpi.training import CheckpointManager
@@ -86,19 +85,19 @@ def test_overwrite_removes_the_previous_run_and_a_full_disk_stops_the_next_clean
     run = tmp_path / "run"
     previous_run(run)
     assert run_entries(run) == (sorted(os.listdir(run)), [])
-    write = checkpoints.write_arrays
+    write = checkpoints.write_items
 
-    def disk_full_at_step_2(path, arrays):
-        if path.name == OPTIMIZER_FILE and path.parent.name.startswith(".partial-2-"):
+    def disk_full_at_step_2(path, items):
+        write(path, items)
+        if path.parent.name == ".partial-2":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(path, arrays)
 
-    monkeypatch.setattr(checkpoints, "write_arrays", disk_full_at_step_2)
+    monkeypatch.setattr(checkpoints, "write_items", disk_full_at_step_2)
     code, _, err = train_cli(run, "--overwrite")
     assert code == 1
     assert re.fullmatch(
         rf"keras-openpi train: error: checkpoint 2 was not written: No space left on device while "
-        rf"writing {re.escape(str(run))}/\.partial-2-[0-9a-f]{{8}}/optimizer\.npz; nothing of it "
+        rf"writing {re.escape(str(run))}/\.partial-2/arrays; nothing of it "
         rf"was left behind and the newest checkpoint is {re.escape(str(run / '1'))}\.\n",
         err,
     ), err

@@ -1,19 +1,31 @@
 """Writing, pruning and restoring the step checkpoints of a training run.
 
 The layout and its reading live in `keras_openpi.checkpoint_format` (shared
-with serving). A checkpoint is written into a hidden `.partial-*` folder,
-its `manifest.json` (every file's size and sha256) last, then renamed to
-`<step>`; a save that fails (a full disk) removes its folder and says which
-file it was writing, and a crash leaves at most a hidden folder, which the
-next save removes. No checkpoint is written from non-finite weights.
+with serving). A save is collective: on several processes (JAX's
+multi-controller runtime) every process calls it, and
 
-On several hosts (`jax.distributed`) every process takes part in gathering
-sharded weights and process 0 writes.
+1. process 0 removes what interrupted saves left and makes the hidden
+   folder `.partial-<step>`;
+2. every process writes the shards it holds of the weights, their EMA and
+   the optimizer state into its `arrays/` (orbax, OCDBT) and hashes the
+   files it wrote;
+3. once all have, process 0 writes `model.json`, the norm stats,
+   `state.json` and, last, `manifest.json` (every file's size and sha256),
+   and renames the folder to `<step>`.
+
+So a checkpoint is visible only when every process's shards are in it; a
+crash of any process leaves at most a hidden folder, which the next save
+removes. A save that fails (a full disk) removes its folder and says what
+it was writing. No checkpoint is written from non-finite weights (checked
+where the weights are, without gathering them). Restoring reads onto the
+model's own mesh, which may differ from the saving run's (8 devices → 4, 2
+processes → 1).
 """
 
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 import uuid
@@ -21,25 +33,37 @@ import uuid
 import keras
 import numpy as np
 
+from keras_openpi.backend.multiprocess import finite_flags
+from keras_openpi.backend.multiprocess import process_count
+from keras_openpi.backend.multiprocess import process_index
+from keras_openpi.backend.multiprocess import sync
+from keras_openpi.checkpoint_arrays import ARRAYS_DIR
+from keras_openpi.checkpoint_arrays import EMA_ITEM
+from keras_openpi.checkpoint_arrays import OPTIMIZER_ITEM
+from keras_openpi.checkpoint_arrays import WEIGHTS_ITEM
+from keras_openpi.checkpoint_arrays import ArraysError
+from keras_openpi.checkpoint_arrays import write_items
 from keras_openpi.checkpoint_format import ASSETS_DIR
-from keras_openpi.checkpoint_format import EMA_FILE
+from keras_openpi.checkpoint_format import EMA_DIR
 from keras_openpi.checkpoint_format import FORMAT
 from keras_openpi.checkpoint_format import MANIFEST_FILE
 from keras_openpi.checkpoint_format import MODEL_FILE
-from keras_openpi.checkpoint_format import OPTIMIZER_FILE
+from keras_openpi.checkpoint_format import OPTIMIZER_DIR
 from keras_openpi.checkpoint_format import STATE_FILE
-from keras_openpi.checkpoint_format import WEIGHTS_FILE
+from keras_openpi.checkpoint_format import WEIGHTS_DIR
 from keras_openpi.checkpoint_format import CheckpointError
-from keras_openpi.checkpoint_format import assign_arrays
 from keras_openpi.checkpoint_format import by_path
+from keras_openpi.checkpoint_format import check_arrays
 from keras_openpi.checkpoint_format import checkpoint_problem
 from keras_openpi.checkpoint_format import checkpoint_steps
+from keras_openpi.checkpoint_format import file_digests
 from keras_openpi.checkpoint_format import fsync_dir
+from keras_openpi.checkpoint_format import holds
 from keras_openpi.checkpoint_format import load_checkpoint_model  # noqa: F401 (public here too)
-from keras_openpi.checkpoint_format import manifest_files
-from keras_openpi.checkpoint_format import read_arrays
+from keras_openpi.checkpoint_format import read_json
 from keras_openpi.checkpoint_format import read_state
-from keras_openpi.checkpoint_format import write_arrays
+from keras_openpi.checkpoint_format import restore_variables
+from keras_openpi.checkpoint_format import stored_specs
 from keras_openpi.checkpoint_format import write_manifest
 from keras_openpi.checkpoint_format import write_text
 from keras_openpi.training.errors import CheckpointWriteError
@@ -47,30 +71,8 @@ from keras_openpi.training.errors import NonFiniteError
 
 # Hidden folders of saves, replacements and deletions in progress (removed by the next save).
 HIDDEN_PREFIXES = (".partial-", ".replaced-", ".deleting-")
-
-
-# === Values on the host ===
-
-
-def _host_value(variable):
-    """The variable's value as a numpy array on the host (gathered across hosts if sharded)."""
-    value = variable.value
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(keras.ops.convert_to_numpy(value))
-
-
-def first_non_finite(arrays):
-    """The first name in `{name: array}` whose float array holds NaN or inf, or None."""
-    for name, array in arrays.items():
-        if array.dtype.kind not in "biu" and not np.all(np.isfinite(array)):
-            return name
-    return None
+# orbax writes process i's shards under `<item>/ocdbt.process_<i>/`.
+_PROCESS_FILES = re.compile(r"/ocdbt\.process_(\d+)/")
 
 
 def _ema_pairs(model):
@@ -95,30 +97,24 @@ def _optimizer_variables(model):
     return {path.split("/", 1)[-1]: variable for path, variable in named.items()}
 
 
+def _values(variables):
+    """What is written of each variable: its JAX array where it is (sharded or not), else numpy."""
+    if keras.backend.backend() == "jax":
+        return [variable.value for variable in variables]
+    return [np.asarray(keras.ops.convert_to_numpy(variable.value)) for variable in variables]
+
+
+def _hashed_by(name, count):
+    """The process that hashes the checkpoint file `name`: its writer's, else process 0."""
+    match = _PROCESS_FILES.search(name)
+    return int(match.group(1)) % count if match else 0
+
+
 def model_spec(model):
     """The JSON-able class and config that rebuild `model` (without its training setup)."""
     spec = keras.saving.serialize_keras_object(model)
     spec.pop("compile_config", None)
     return spec
-
-
-def process_index():
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.process_index()
-    return 0
-
-
-def sync_processes(name):
-    """Waits for every process (on several hosts); a no-op on one."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(name)
 
 
 class CheckpointManager:
@@ -192,83 +188,109 @@ class CheckpointManager:
                 are intact.
         """
         step = int(step)
-        weights = {k: _host_value(v) for k, v in by_path(model.variables, "model").items()}
-        ema = {variable.path: _host_value(average) for variable, average in _ema_pairs(model)}
-        optimizer = {k: _host_value(v) for k, v in _optimizer_variables(model).items()}
-        for what, arrays in (
-            ("weight", weights),
-            ("EMA weight", ema),
-            ("optimizer value", optimizer),
-        ):
-            name = first_non_finite(arrays)
-            if name is not None:
-                raise NonFiniteError(
-                    f"step {step}: the {what} {name!r} is NaN or infinite, so checkpoint {step} "
-                    f"was not written; the newest good checkpoint is {self._newest_text()}."
-                )
+        groups = (
+            (WEIGHTS_ITEM, "weight", by_path(model.variables, "model")),
+            (EMA_ITEM, "EMA weight", {v.path: average for v, average in _ema_pairs(model)}),
+            (OPTIMIZER_ITEM, "optimizer value", _optimizer_variables(model)),
+        )
+        named = [(what, name) for _, what, variables in groups for name in variables]
+        values = _values([v for _, _, variables in groups for v in variables.values()])
+        flags = finite_flags(values)
+        if not all(flags):
+            what, name = named[flags.index(False)]
+            raise NonFiniteError(
+                f"step {step}: the {what} {name!r} is NaN or infinite, so checkpoint {step} "
+                f"was not written; the newest good checkpoint is {self._newest_text()}."
+            )
+        items, start = {}, 0
+        for item, _, variables in groups:
+            if variables or item == WEIGHTS_ITEM:
+                items[item] = dict(zip(variables, values[start : start + len(variables)]))
+            start += len(variables)
         state = {
             "format": FORMAT,
             "step": step,
             "data": data_state,
-            "ema": bool(ema),
+            "ema": EMA_ITEM in items,
             "asset_id": (asset_id or "default") if norm_stats else None,
             "config": config.to_dict() if config is not None else None,
             "keras_version": keras.__version__,
+            "processes": process_count(),
             "time": time.time(),
             **(extra_state or {}),
         }
         final = self.step_dir(step)
-        if process_index() == 0:
-            arrays = {WEIGHTS_FILE: weights, EMA_FILE: ema, OPTIMIZER_FILE: optimizer}
-            self._write(step, final, model, arrays, norm_stats, asset_id, state)
-            self.prune(keep=step)
-        sync_processes(f"keras_openpi_checkpoint_{step}")
+        self._write(step, final, model, items, norm_stats, asset_id, state)
         return final
 
-    def _write(self, step, final, model, arrays, norm_stats, asset_id, state):
+    def _write(self, step, final, model, items, norm_stats, asset_id, state):
         from keras_openpi.data.normalize import FILE_NAME
         from keras_openpi.data.normalize import norm_stats_to_json
 
-        partial = self.directory / f".partial-{step}-{uuid.uuid4().hex[:8]}"
+        index, count = process_index(), process_count()
+        partial = self.directory / f".partial-{step}"
         path, replaced = self.directory, None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._remove_hidden()
-            path = partial
-            partial.mkdir()
-            path = partial / MODEL_FILE
-            write_text(path, json.dumps(model_spec(model), indent=1))
-            for name, values in arrays.items():
-                if values or name == WEIGHTS_FILE:
-                    path = partial / name
-                    write_arrays(path, values)
-            if norm_stats:
-                path = partial / ASSETS_DIR / (asset_id or "default") / FILE_NAME
-                path.parent.mkdir(parents=True)
-                write_text(path, norm_stats_to_json(norm_stats))
-            path = partial / STATE_FILE
-            write_text(path, json.dumps(state, indent=1))
-            path = partial / MANIFEST_FILE
-            write_manifest(partial, step=step)
-            fsync_dir(partial)
-            path = final
-            if final.exists():
-                replaced = self.directory / f".replaced-{step}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, replaced)
-            os.rename(partial, final)
-            fsync_dir(self.directory)
-        except OSError as error:
+            if index == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._remove_hidden()
+                partial.mkdir()
+            sync(f"keras_openpi_checkpoint_{step}_folder")
+            path = partial / ARRAYS_DIR
+            write_items(path, items)
+            digests = self._hash_own_files(partial, index, count)
+            sync(f"keras_openpi_checkpoint_{step}_arrays")
+            if index == 0:
+                for other in range(1, count):
+                    shared = partial / f".digests-{other}.json"
+                    digests.update(read_json(shared))
+                    shared.unlink()
+                path = partial / MODEL_FILE
+                write_text(path, json.dumps(model_spec(model), indent=1))
+                if norm_stats:
+                    path = partial / ASSETS_DIR / (asset_id or "default") / FILE_NAME
+                    path.parent.mkdir(parents=True)
+                    write_text(path, norm_stats_to_json(norm_stats))
+                path = partial / STATE_FILE
+                write_text(path, json.dumps(state, indent=1))
+                path = partial / MANIFEST_FILE
+                write_manifest(partial, digests=digests, step=step)
+                fsync_dir(partial)
+                path = final
+                if final.exists():
+                    replaced = self.directory / f".replaced-{step}-{uuid.uuid4().hex[:8]}"
+                    os.rename(final, replaced)
+                os.rename(partial, final)
+                fsync_dir(self.directory)
+        except (OSError, ArraysError, CheckpointError) as error:
             shutil.rmtree(partial, ignore_errors=True)
             if replaced is not None and not final.exists():
                 os.rename(replaced, final)  # put back the checkpoint this one was to replace
-            reason = error.strerror or str(error)
+            reason = getattr(error, "strerror", None) or str(error)
             raise CheckpointWriteError(
-                error.errno,
+                getattr(error, "errno", None),
                 f"checkpoint {step} was not written: {reason} while writing {path}; nothing of it "
                 f"was left behind and the newest checkpoint is {self._newest_text()}.",
             ) from None
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
+        if index == 0:
+            self.prune(keep=step)
+        sync(f"keras_openpi_checkpoint_{step}_done")
+
+    @staticmethod
+    def _hash_own_files(partial, index, count):
+        """Sizes and sha256 of the array files this process hashes; others' go to `.digests-<i>.json`."""
+        names = sorted(
+            p.relative_to(partial).as_posix()
+            for p in (partial / ARRAYS_DIR).rglob("*")
+            if p.is_file()
+        )
+        digests = file_digests(partial, [n for n in names if _hashed_by(n, count) == index])
+        if index > 0:
+            write_text(partial / f".digests-{index}.json", json.dumps(digests))
+            return {}
+        return digests
 
     def _newest_text(self):
         step = self.latest_step()
@@ -347,25 +369,27 @@ class CheckpointManager:
             if problem:
                 raise CheckpointError(f"checkpoint {path} is not complete: {problem}.")
         state = read_state(path)
-        files = manifest_files(path)
         optimizer = getattr(model, "optimizer", None)
-        if OPTIMIZER_FILE in files and optimizer is None:
+        has_optimizer = holds(path, OPTIMIZER_DIR)
+        if has_optimizer and optimizer is None:
             raise CheckpointError(
                 f"{path} holds optimizer state; compile the model before restoring."
             )
-        if OPTIMIZER_FILE not in files and optimizer is not None:
+        if not has_optimizer and optimizer is not None:
             raise CheckpointError(
-                f"{path} holds no {OPTIMIZER_FILE}: restoring it would restart the optimizer "
-                "(warm-up, Adam moments) while keeping the trained weights."
+                f"{path} holds no optimizer state ({OPTIMIZER_DIR}): restoring it would restart "
+                "the optimizer (warm-up, Adam moments) while keeping the trained weights."
             )
         weights = by_path(model.variables, "model")
-        assign_arrays(weights, read_arrays(path / WEIGHTS_FILE), path / WEIGHTS_FILE, "model")
+        check_arrays(weights, stored_specs(path, WEIGHTS_DIR), path / WEIGHTS_DIR, "model")
+        groups = [(WEIGHTS_DIR, weights)]
         if optimizer is not None:
             if not optimizer.built:
                 optimizer.build(model.trainable_variables)
             named = _optimizer_variables(model)
-            arrays = read_arrays(path / OPTIMIZER_FILE)
-            assign_arrays(named, arrays, path / OPTIMIZER_FILE, "optimizer")
+            specs = stored_specs(path, OPTIMIZER_DIR)
+            check_arrays(named, specs, path / OPTIMIZER_DIR, "optimizer")
+            groups.append((OPTIMIZER_DIR, named))
         pairs = _ema_pairs(model)
         if state.get("ema") != bool(pairs):
             raise CheckpointError(
@@ -374,5 +398,7 @@ class CheckpointManager:
             )
         if pairs:
             averages = {variable.path: average for variable, average in pairs}
-            assign_arrays(averages, read_arrays(path / EMA_FILE), path / EMA_FILE, "EMA")
+            check_arrays(averages, stored_specs(path, EMA_DIR), path / EMA_DIR, "EMA")
+            groups.append((EMA_DIR, averages))
+        restore_variables(path, groups)
         return state

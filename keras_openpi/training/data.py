@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from keras_openpi.backend.multiprocess import broadcast_int
+from keras_openpi.backend.multiprocess import process_index
 from keras_openpi.data import pipeline
 from keras_openpi.data.loader import DataLoader
 from keras_openpi.data.normalize import compute_norm_stats
@@ -191,19 +193,25 @@ def check_norm_stats(norm_stats, sample, origin):
 def resolve_norm_stats(config, source, transforms, sample, log=print):
     """The config's norm stats: `data.norm_stats`, else the assets' file, else computed and saved.
 
+    On several processes all take process 0's view of whether the file
+    exists; computed stats are written by process 0 alone.
+
     Returns:
         `({key: NormStats}, origin)`.
     """
+    path = norm_stats_path(config)
     if config.data.norm_stats:
         origin = config.data.norm_stats
         stats = load_norm_stats(origin)
-    elif norm_stats_path(config).is_file():
-        origin = str(norm_stats_path(config))
+    elif broadcast_int(path.is_file()):
+        origin = str(path)
         stats = load_norm_stats(origin)
     else:
         stats = compute_config_norm_stats(config, source, transforms, log)
-        origin = str(save_norm_stats(norm_stats_path(config), stats))
-        log(f"wrote {origin}")
+        origin = str(path)
+        if process_index() == 0:
+            save_norm_stats(path, stats)
+            log(f"wrote {origin}")
     check_norm_stats(stats, sample, origin)
     return stats, origin
 

@@ -16,9 +16,15 @@ count divides. A single-head (MQA) key or value kernel `(1, D, H)` is
 therefore sharded along its width `D`, never its head axis (keras-hub's
 Gemma layout map shards the head axis, which fails with one head).
 
-Several hosts: start every process with `jax.distributed.initialize()`
-before Keras touches a device; `keras.distribution.list_devices()` then
-lists the devices of all hosts (see docs/training.md).
+Several processes (JAX's multi-controller runtime, one per host or GPU):
+each joins with `keras.distribution.initialize` before Keras touches a
+device (`keras-openpi train --coordinator ... --num-processes ...
+--process-id ...`); `keras.distribution.list_devices()` then lists every
+process's devices and the mesh spans them. Each process loads only the rows
+of every global batch that its devices hold (`data_shard`), and Keras' JAX
+trainer assembles them into the global batch
+(`jax.make_array_from_process_local_data`), so the batch is the one a
+single process would load, in the same order (see docs/training.md).
 """
 
 import math
@@ -119,6 +125,60 @@ def training_devices():
     return keras.distribution.list_devices()
 
 
+def device_mesh(fsdp_devices=1, devices=None):
+    """The `keras.distribution.DeviceMesh` of `make_distribution`: `("batch",)` or `("batch", "model")`."""
+    devices = list(devices or training_devices())
+    count = len(devices)
+    if fsdp_devices < 1 or count % fsdp_devices:
+        raise ValueError(f"fsdp_devices={fsdp_devices} must divide the {count} devices.")
+    if fsdp_devices in (1, count):
+        return keras.distribution.DeviceMesh((count,), (BATCH_AXIS,), devices)
+    return keras.distribution.DeviceMesh(
+        (count // fsdp_devices, fsdp_devices), (BATCH_AXIS, MODEL_AXIS), devices
+    )
+
+
+def data_shard(batch_size, fsdp_devices=1, devices=None):
+    """`(index, count)`: which of `count` equal row blocks of each global batch this process loads.
+
+    The rows are those the batch's layout places on this process's devices
+    (`jax.make_array_from_process_local_data` then assembles the global
+    batch from each process's block). Processes whose devices share a batch
+    shard load the same block. `(0, 1)` on one process.
+
+    Raises:
+        ValueError: the layout gives a process rows that are not one block
+            of the batch (a device order no process split matches).
+
+    Example:
+    >>> data_shard(32)  # one process
+    (0, 1)
+    """
+    if keras.backend.backend() != "jax":
+        return (0, 1)
+    import jax
+
+    if jax.process_count() == 1:
+        return (0, 1)
+    mesh = device_mesh(fsdp_devices, devices)
+    layout = keras.distribution.TensorLayout([BATCH_AXIS], mesh).backend_layout
+    rows = {}
+    for device, index in layout.devices_indices_map((batch_size,)).items():
+        start, stop, _ = index[0].indices(batch_size)
+        rows.setdefault(device.process_index, []).append((start, stop))
+    blocks = {p: (min(r[0] for r in spans), max(r[1] for r in spans)) for p, spans in rows.items()}
+    mine = blocks[jax.process_index()]
+    size = mine[1] - mine[0]
+    count = batch_size // size
+    covered = sum(stop - start for start, stop in set(rows[jax.process_index()]))
+    if mine[0] % size or covered != size or any(b[1] - b[0] != size for b in blocks.values()):
+        raise ValueError(
+            f"the batch's layout gives process {jax.process_index()} rows {mine[0]}..{mine[1]} "
+            f"of {batch_size}, not one of equal blocks: order the devices by process."
+        )
+    return (mine[0] // size, count)
+
+
 def make_distribution(variables=None, fsdp_devices=1, devices=None, min_bytes=None):
     """The distribution for `fsdp_devices` (see the module docstring), or None on one device.
 
@@ -142,22 +202,14 @@ def make_distribution(variables=None, fsdp_devices=1, devices=None, min_bytes=No
             f"{keras.backend.backend()!r} backend does not have: train with KERAS_BACKEND=jax, "
             "or set fsdp_devices=1."
         )
-    count = len(devices)
-    if fsdp_devices < 1 or count % fsdp_devices:
-        raise ValueError(f"fsdp_devices={fsdp_devices} must divide the {count} devices.")
+    mesh = device_mesh(fsdp_devices, devices)
     if fsdp_devices == 1:
-        if count == 1:
+        if len(devices) == 1:
             return None
-        return keras.distribution.DataParallel(devices=devices)
+        return keras.distribution.DataParallel(device_mesh=mesh)
     if variables is None:
         raise ValueError("sharding weights (fsdp_devices > 1) needs the model's variables.")
     min_bytes = MIN_SHARD_BYTES if min_bytes is None else min_bytes
-    if fsdp_devices == count:
-        mesh = keras.distribution.DeviceMesh((count,), (BATCH_AXIS,), devices)
-        layout_map = fsdp_layout_map(variables, mesh, BATCH_AXIS, min_bytes)
-    else:
-        mesh = keras.distribution.DeviceMesh(
-            (count // fsdp_devices, fsdp_devices), (BATCH_AXIS, MODEL_AXIS), devices
-        )
-        layout_map = fsdp_layout_map(variables, mesh, MODEL_AXIS, min_bytes)
+    axis = BATCH_AXIS if fsdp_devices == len(devices) else MODEL_AXIS
+    layout_map = fsdp_layout_map(variables, mesh, axis, min_bytes)
     return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=BATCH_AXIS)

@@ -3,7 +3,9 @@
 `choose_checkpoint` walks a run's step folders from the newest down and
 takes the first one that is complete (manifest, sizes and sha256) and
 resumable (optimizer state, data position, norm stats); newer ones it
-passes over are reported with the reason. `check_resume_settings` refuses a
+passes over are reported with the reason. On several processes
+`agree_on_checkpoint` has process 0 check the checksums and the others
+take its choice. `check_resume_settings` refuses a
 config that contradicts the checkpoint's in a setting that fixes the model,
 its fine-tuning or its batches, naming both values.
 """
@@ -11,10 +13,13 @@ its fine-tuning or its batches, naming both values.
 import dataclasses
 import pathlib
 
-from keras_openpi.checkpoint_format import OPTIMIZER_FILE
+from keras_openpi.backend.multiprocess import broadcast_int
+from keras_openpi.backend.multiprocess import process_count
+from keras_openpi.backend.multiprocess import process_index
+from keras_openpi.checkpoint_format import OPTIMIZER_DIR
 from keras_openpi.checkpoint_format import CheckpointError
 from keras_openpi.checkpoint_format import checkpoint_problem
-from keras_openpi.checkpoint_format import manifest_files
+from keras_openpi.checkpoint_format import holds
 from keras_openpi.checkpoint_format import read_state
 from keras_openpi.checkpoint_format import step_dirs
 
@@ -74,8 +79,11 @@ class ResumePoint:
 
 def resumable_problem(step_dir, state):
     """What keeps a complete checkpoint from being continued exactly, or None."""
-    if OPTIMIZER_FILE not in manifest_files(step_dir):
-        return f"it holds no {OPTIMIZER_FILE} (resuming would restart the optimizer's warm-up)"
+    if not holds(step_dir, OPTIMIZER_DIR):
+        return (
+            f"it holds no optimizer state ({OPTIMIZER_DIR}; resuming would restart the "
+            "optimizer's warm-up)"
+        )
     if not state.get("data"):
         return "its state.json holds no data position"
     if not state.get("asset_id"):
@@ -83,13 +91,15 @@ def resumable_problem(step_dir, state):
     return None
 
 
-def choose_checkpoint(directory, end_step):
+def choose_checkpoint(directory, end_step, checksums=True, newest=None):
     """The checkpoint a `--resume` continues from.
 
     Args:
         directory: the run's checkpoint directory.
         end_step: the step the run trains to; a complete checkpoint at or past
             it is returned as `finished` (even if it could not be continued).
+        checksums: compare the files' sha256 (False: their sizes only).
+        newest: pass over the steps above this one (another process's choice).
 
     Returns:
         a `ResumePoint`, or None when `directory` has no step folder.
@@ -105,7 +115,10 @@ def choose_checkpoint(directory, end_step):
     skipped = []
     for step in reversed(steps):
         step_dir = directory / str(step)
-        problem = checkpoint_problem(step_dir, checksums=True)
+        if newest is not None and step > newest:
+            skipped.append((step, "process 0 found it incomplete (see its log)"))
+            continue
+        problem = checkpoint_problem(step_dir, checksums=checksums)
         state = read_state(step_dir) if problem is None else None
         if problem is None and step >= end_step:
             return ResumePoint(step, step_dir, state, skipped, finished=True)
@@ -119,6 +132,37 @@ def choose_checkpoint(directory, end_step):
         f"{directory} holds no checkpoint to resume ({reasons}): pass --overwrite to start over "
         "(it removes them) or choose another --checkpoint-dir."
     )
+
+
+_NONE, _FAILED = -1, -2
+
+
+def agree_on_checkpoint(directory, end_step):
+    """`choose_checkpoint` on every process, with process 0's choice (it alone reads the sha256).
+
+    On one process it is `choose_checkpoint`. On several, process 0 checks
+    the checksums and the others take the step it chose, so that all
+    continue from the same checkpoint without each reading all of it.
+    """
+    if process_count() == 1:
+        return choose_checkpoint(directory, end_step)
+    first = process_index() == 0
+    try:
+        point = choose_checkpoint(directory, end_step, checksums=first)
+        error = None
+    except CheckpointError as caught:
+        point, error = None, caught
+    mine = _FAILED if error is not None else _NONE if point is None else point.step
+    chosen = broadcast_int(mine)
+    if chosen == _FAILED:
+        if error is not None:
+            raise error
+        raise CheckpointError(f"process 0 found no checkpoint to resume in {directory} (see its log).")
+    if chosen == mine:
+        return point
+    if chosen == _NONE:
+        return None
+    return choose_checkpoint(directory, end_step, checksums=False, newest=chosen)
 
 
 # Settings compared as one value, not key by key.

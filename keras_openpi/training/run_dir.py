@@ -18,13 +18,11 @@ import re
 import shutil
 import uuid
 
+from keras_openpi.checkpoint_arrays import ARRAYS_DIR
 from keras_openpi.checkpoint_format import ASSETS_DIR
-from keras_openpi.checkpoint_format import EMA_FILE
 from keras_openpi.checkpoint_format import MANIFEST_FILE
 from keras_openpi.checkpoint_format import MODEL_FILE
-from keras_openpi.checkpoint_format import OPTIMIZER_FILE
 from keras_openpi.checkpoint_format import STATE_FILE
-from keras_openpi.checkpoint_format import WEIGHTS_FILE
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.csv"
@@ -34,7 +32,7 @@ EXPORT_DIR = "export"
 EXPORT_MODEL = "policy.keras"
 NORM_STATS_FILE = "norm_stats.json"
 
-_CHECKPOINT_FILES = {MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE}
+_CHECKPOINT_FILES = {MANIFEST_FILE, MODEL_FILE, STATE_FILE}
 _EXPORT_FILES = {EXPORT_MODEL, NORM_STATS_FILE, MANIFEST_FILE}
 _RUN_FILES = {
     CONFIG_FILE,
@@ -59,6 +57,8 @@ def _is_checkpoint_tree(path):
         parts = relative.parts
         if parts[0] == ASSETS_DIR:  # assets/<asset_id>/norm_stats.json
             return len(parts) < 3 or (len(parts) == 3 and parts[2].startswith(NORM_STATS_FILE))
+        if parts[0] == ARRAYS_DIR:  # orbax's files
+            return True
         return len(parts) == 1 and parts[0] in _CHECKPOINT_FILES
 
     return path.is_dir() and _only(path, allowed)

@@ -18,6 +18,9 @@ import warnings
 
 import keras
 
+from keras_openpi.backend.multiprocess import process_count
+from keras_openpi.backend.multiprocess import process_index
+from keras_openpi.backend.multiprocess import sync
 from keras_openpi.checkpoint_format import ASSETS_DIR
 from keras_openpi.checkpoint_format import MODEL_FILE
 from keras_openpi.checkpoint_format import CheckpointError
@@ -33,9 +36,8 @@ from keras_openpi.training.callbacks import CheckpointSaver
 from keras_openpi.training.callbacks import MetricsLogger
 from keras_openpi.training.callbacks import NonFiniteGuard
 from keras_openpi.training.checkpoints import CheckpointManager
-from keras_openpi.training.checkpoints import process_index
-from keras_openpi.training.checkpoints import sync_processes
 from keras_openpi.training.distribution import check_batch_size
+from keras_openpi.training.distribution import data_shard
 from keras_openpi.training.distribution import make_distribution
 from keras_openpi.training.distribution import training_devices
 from keras_openpi.training.export import export_checkpoint
@@ -43,7 +45,7 @@ from keras_openpi.training.export import export_policy
 from keras_openpi.training.export import export_step
 from keras_openpi.training.optimizer import make_optimizer
 from keras_openpi.training.resume import check_resume_settings
-from keras_openpi.training.resume import choose_checkpoint
+from keras_openpi.training.resume import agree_on_checkpoint
 from keras_openpi.training.run_dir import CONFIG_FILE
 from keras_openpi.training.run_dir import EXPORT_DIR
 from keras_openpi.training.run_dir import EXPORT_MODEL
@@ -189,7 +191,7 @@ class Trainer:
             config.batch_size,
             transform=transforms,
             seed=config.seed,
-            shard=_process_shard(),
+            shard=data_shard(config.batch_size, config.fsdp_devices),
             workers=config.num_workers,
         )
         if self.resume_state is not None:
@@ -232,7 +234,7 @@ class Trainer:
                     "to continue that run or --overwrite to start over."
                 )
             return
-        point = choose_checkpoint(directory, self.end_step)
+        point = agree_on_checkpoint(directory, self.end_step)
         if point is None:
             self.log(f"no checkpoint to resume in {directory}: starting a new run")
             return
@@ -331,7 +333,7 @@ class Trainer:
             remove_run_entries(self.checkpoint_dir, self.overwritten)
             for step_dir in self.skipped_checkpoints:
                 self.log(f"moved {step_dir} to {move_aside(step_dir)}")
-        sync_processes("keras_openpi_run_dir")
+        sync("keras_openpi_run_dir")
         keras.utils.set_random_seed(config.seed)
         self.distribution = self._distribution()
         with self._scope():
@@ -348,7 +350,7 @@ class Trainer:
                 iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
                 if iterations != self.start_step:
                     raise CheckpointError(
-                        f"{self.resume_dir}: its optimizer.npz is at step {iterations}, its "
+                        f"{self.resume_dir}: its optimizer state is at step {iterations}, its "
                         f"state.json at {self.start_step}."
                     )
         self.log(str(self.model.trainable_summary()))
@@ -372,10 +374,11 @@ class Trainer:
         if self.model is None:
             self.build()
         config = self.config
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.checkpoint_dir / f"{CONFIG_FILE}.partial"
-        partial.write_text(json.dumps(config.to_dict(), indent=1))
-        os.replace(partial, self.checkpoint_dir / CONFIG_FILE)
+        if process_index() == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            partial = self.checkpoint_dir / f"{CONFIG_FILE}.partial"
+            partial.write_text(json.dumps(config.to_dict(), indent=1))
+            os.replace(partial, self.checkpoint_dir / CONFIG_FILE)
         steps = self.end_step - self.start_step
         what = f"resuming at step {self.start_step}" if self.start_step else "training"
         self.log(
@@ -427,12 +430,19 @@ class Trainer:
         directory = pathlib.Path(directory or self.checkpoint_dir / EXPORT_DIR)
         source = self.manager.step_dir(self.end_step)
         path = directory / EXPORT_MODEL
-        if process_index() == 0:
+        if process_count() > 1:
+            # The weights are spread over the processes: process 0 reads the last
+            # checkpoint (always written) on its CPU.
+            if process_index() == 0:
+                with keras.device("cpu:0"):
+                    export_checkpoint(self.checkpoint_dir, step=self.end_step, output=directory)
+        elif process_index() == 0:
             export_policy(
                 self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
             )
+        if process_index() == 0:
             self.log(f"exported {path} and its norm_stats.json")
-        sync_processes("keras_openpi_export")
+        sync("keras_openpi_export")
         return path
 
     def run(self):
@@ -450,7 +460,7 @@ class Trainer:
             if process_index() == 0:
                 export_checkpoint(self.checkpoint_dir, step=step)
                 self.log(f"exported {path} from checkpoint {step}")
-            sync_processes("keras_openpi_export")
+            sync("keras_openpi_export")
             state = read_state(self.checkpoint_dir / str(step))
             return {
                 "step": step,
@@ -484,11 +494,3 @@ def _closing(metrics):
     finally:
         metrics.close()
 
-
-def _process_shard():
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if jax.process_count() > 1:
-            return (jax.process_index(), jax.process_count())
-    return None
