@@ -98,6 +98,9 @@ def initialize(coordinator=None, num_processes=None, process_id=None, environ=No
 
     if jax.distributed.is_initialized():
         return jax.process_count()
+    if jax.config.jax_cpu_collectives_implementation is None:
+        # CPU devices of several processes talk through gloo (JAX's default since 0.5).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     keras.distribution.initialize(
         job_addresses=coordinator,
         num_processes=None if num_processes is None else int(num_processes),

@@ -43,6 +43,28 @@ def add_parser(subparsers):
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
+    hosts = parser.add_argument_group(
+        "several processes",
+        "Run the same command once per host (or per GPU), each with its --process-id; the "
+        "processes form one mesh (JAX's multi-controller runtime, through "
+        "keras.distribution.initialize). Under SLURM (srun), Open MPI (mpirun) or with "
+        "KERAS_DISTRIBUTION_* set, JAX and Keras read them from the environment and no flag "
+        "is needed. See docs/training.md.",
+    )
+    hosts.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address and a free port, the same on every process",
+    )
+    hosts.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="how many processes take part (1: a single process even under srun/mpirun)",
+    )
+    hosts.add_argument(
+        "--process-id", type=int, metavar="I", help="this process's index, 0 ... N-1"
+    )
     return parser
 
 
@@ -75,6 +97,9 @@ def run(args):
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1, ensure_ascii=False))
         return 0
+    from keras_openpi.backend.multiprocess import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
     trainer = Trainer(
         config,
         checkpoint_dir=args.checkpoint_dir,

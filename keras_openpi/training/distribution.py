@@ -206,10 +206,13 @@ def make_distribution(variables=None, fsdp_devices=1, devices=None, min_bytes=No
     if fsdp_devices == 1:
         if len(devices) == 1:
             return None
-        return keras.distribution.DataParallel(device_mesh=mesh)
+        # Our loader gives each process its own rows (`data_shard`): Keras shards no dataset.
+        return keras.distribution.DataParallel(device_mesh=mesh, auto_shard_dataset=False)
     if variables is None:
         raise ValueError("sharding weights (fsdp_devices > 1) needs the model's variables.")
     min_bytes = MIN_SHARD_BYTES if min_bytes is None else min_bytes
     axis = BATCH_AXIS if fsdp_devices == len(devices) else MODEL_AXIS
     layout_map = fsdp_layout_map(variables, mesh, axis, min_bytes)
-    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=BATCH_AXIS)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name=BATCH_AXIS, auto_shard_dataset=False
+    )

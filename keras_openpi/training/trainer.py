@@ -413,7 +413,7 @@ class Trainer:
                 epochs=1,
                 steps_per_epoch=steps,
                 shuffle=False,
-                verbose=self.verbose,
+                verbose=self.verbose if process_index() == 0 else 0,  # one progress bar
                 callbacks=run_callbacks,
             )
         self.start_step = self.end_step
