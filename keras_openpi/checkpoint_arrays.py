@@ -1,4 +1,4 @@
-"""A checkpoint's named arrays in orbax's OCDBT format: every process writes and reads its own shards.
+"""A checkpoint's named arrays in orbax's OCDBT format: each process writes and reads its shards.
 
     arrays/                     one orbax checkpoint (`CompositeCheckpointHandler`)
       model_weights/            a flat tree {variable path: array} per item (OCDBT):

@@ -150,9 +150,7 @@ def write_manifest(directory, fmt=FORMAT, digests=None, **fields):
     """
     directory = pathlib.Path(directory)
     digests = digests or {}
-    names = sorted(
-        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
-    )
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     names = [name for name in names if name != MANIFEST_FILE]
     files = file_digests(directory, [name for name in names if name not in digests])
     files = {name: files.get(name) or digests[name] for name in names}
@@ -375,11 +373,13 @@ def check_arrays(named, specs, source, what, subset=False):
             )
         dtype = keras.backend.standardize_dtype(variable.dtype)
         if keras.backend.standardize_dtype(stored) != dtype:
-            raise CheckpointError(f"{source}: {key!r} is stored as {stored}, the variable is {dtype}.")
+            raise CheckpointError(
+                f"{source}: {key!r} is stored as {stored}, the variable is {dtype}."
+            )
 
 
 def stored_specs(step_dir, folder):
-    """`{name: (shape, dtype name)}` of the arrays in a checkpoint's `folder` (e.g. `WEIGHTS_DIR`)."""
+    """`{name: (shape, dtype name)}` of the arrays in a checkpoint's `folder` (e.g. weights)."""
     path = pathlib.Path(step_dir) / folder
     try:
         return array_specs(path.parent, path.name)

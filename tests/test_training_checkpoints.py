@@ -4,12 +4,17 @@ import dataclasses
 import errno
 import json
 import os
+import pathlib
+import signal
 import struct
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
+from keras_openpi.checkpoint_format import find_step_dir
 from keras_openpi.data.normalize import NormStats
 from keras_openpi.models import Pi0
 from keras_openpi.training import AdamW
@@ -22,6 +27,7 @@ from keras_openpi.training import export_policy
 from keras_openpi.training import load_checkpoint_model
 from keras_openpi.training import read_metrics
 from keras_openpi.training.ema import ema_weights
+from keras_openpi.training.run_dir import run_entries
 from keras_openpi.training.tensorboard import crc32c
 from keras_openpi.training.tensorboard import read_tfrecords
 from training_support import TINY_MODEL
@@ -89,6 +95,45 @@ def test_a_full_disk_leaves_no_partial_folder_and_names_the_file(tmp_path, monke
     (tmp_path / ".partial-2-0123abcd").mkdir()  # what a killed process leaves
     manager.save(2, small_model(2.0))  # the next save clears it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
+
+
+# Saves checkpoint 1, then dies while saving checkpoint 2: after its arrays, before its manifest.
+KILLED_SAVE = r"""
+import os, signal, sys
+import keras
+from keras_openpi.training import AdamW, CheckpointManager, checkpoints
+
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")], name="small")
+model.compile(optimizer=AdamW(0.1), loss="mse")
+model.optimizer.build(model.trainable_variables)
+manager = CheckpointManager(sys.argv[1], keep_last=2)
+manager.save(1, model)
+checkpoints.write_manifest = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+manager.save(2, model)
+"""
+
+
+def test_a_checkpoint_of_a_killed_run_is_never_half_visible(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],
+        cwd=repo,
+        env=dict(os.environ, KERAS_BACKEND="jax"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    # Step 2's arrays were written, in the hidden folder only: no step folder 2.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial-2", "1"]
+    assert (tmp_path / ".partial-2" / "arrays" / "model_weights").is_dir()
+    assert CheckpointManager(tmp_path).steps() == [1]
+    assert find_step_dir(tmp_path) == tmp_path / "1"
+    assert run_entries(tmp_path) == ([".partial-2", "1"], [])
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(2, small_model(2.0))  # the next save clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    assert manager.steps() == [1, 2]
 
 
 def test_round_trip_keeps_lora_adapters_bf16_frozen_weights_ema_and_rng(tmp_path):

@@ -1,4 +1,4 @@
-"""Several processes: 2 processes × 4 CPU devices train as 1 process × 8, and their checkpoints move.
+"""Several processes: 2 processes × 4 CPU devices train as 1 × 8, and their checkpoints move.
 
 JAX's multi-controller runtime on one machine: two `keras-openpi train`
 processes with `--coordinator localhost:PORT --num-processes 2
@@ -22,6 +22,9 @@ import sys
 import numpy as np
 import pytest
 
+from keras_openpi.backend.multiprocess import initialize
+from keras_openpi.backend.multiprocess import launched_processes
+from keras_openpi.cli import main
 from keras_openpi.training import load_checkpoint_model
 from keras_openpi.training import read_metrics
 from training_support import TINY_SETS
@@ -207,3 +210,55 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_half_the_devices(r
     b = load_checkpoint_model(base / "resumed" / "10")
     for x, y in zip(a.variables, b.variables):
         np.testing.assert_allclose(np.asarray(x.numpy()), np.asarray(y.numpy()), atol=1e-5)
+
+
+SLURM = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "node[1-2]",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "3",
+}
+
+
+def test_the_launches_jax_and_keras_read_are_recognized():
+    assert launched_processes({}) == 1
+    assert launched_processes(SLURM) == 16
+    assert launched_processes({**SLURM, "SLURM_NTASKS": "1"}) == 1  # one task: one process
+    assert launched_processes({"SLURM_NTASKS": "4"}) == 1  # an allocation, not an srun step
+    assert launched_processes({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}) == 2
+    assert launched_processes({"KERAS_DISTRIBUTION_NUM_PROCESSES": "4"}) == 4
+    # Nothing asked and nothing launched, or --num-processes 1 even under srun: one process.
+    assert initialize(environ={}) == 1
+    assert initialize(num_processes=1, environ=SLURM) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--num-processes", "2", "--process-id", "2"],
+            "--process-id must be in [0, 2) for --num-processes 2, got 2.",
+        ),
+        (["--num-processes", "0"], "--num-processes must be at least 1, got 0."),
+        (
+            ["--num-processes", "1", "--process-id", "1"],
+            "--process-id 1 with --num-processes 1: use 0.",
+        ),
+        (
+            ["--coordinator", "host0", "--num-processes", "2", "--process-id", "0"],
+            "--coordinator takes HOST:PORT (process 0's), got 'host0'.",
+        ),
+        (
+            ["--coordinator", "host0:1234"],
+            "several processes need --num-processes and --process-id too (or a launcher JAX "
+            "reads, such as srun or mpirun): give every process the same --coordinator and "
+            "--num-processes and its own --process-id.",
+        ),
+    ],
+)
+def test_malformed_process_flags_fail_before_anything_starts(tmp_path, flags, message, capsys):
+    args = ["train", "--config", "demo", "--checkpoint-dir", str(tmp_path / "run"), *flags]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"keras-openpi train: error: {message}\n"
+    assert not (tmp_path / "run").exists()

@@ -79,15 +79,30 @@ def initialize(coordinator=None, num_processes=None, process_id=None, environ=No
             raise ValueError(f"--process-id {process_id} with --num-processes 1: use 0.")
         return 1
     given = (coordinator, num_processes, process_id) != (None, None, None)
-    if not given and launched_processes(environ) <= 1:
+    launched = launched_processes(environ) > 1 or "KERAS_DISTRIBUTION_PROCESS_ID" in environ
+    if not given and not launched:
         return 1
+    if not launched and (process_id is not None or coordinator is not None):
+        missing = [
+            flag
+            for flag, value in (("--num-processes", num_processes), ("--process-id", process_id))
+            if value is None
+        ]
+        if missing:
+            raise ValueError(
+                f"several processes need {' and '.join(missing)} too (or a launcher JAX reads, "
+                "such as srun or mpirun): give every process the same --coordinator and "
+                "--num-processes and its own --process-id."
+            )
     if num_processes is not None and process_id is not None:
         if not 0 <= int(process_id) < int(num_processes):
             raise ValueError(
                 f"--process-id must be in [0, {num_processes}) for --num-processes "
                 f"{num_processes}, got {process_id}."
             )
-    if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":")[-1].isdigit()):
+    if coordinator is not None and (
+        ":" not in coordinator or not coordinator.rsplit(":")[-1].isdigit()
+    ):
         raise ValueError(f"--coordinator takes HOST:PORT (process 0's), got {coordinator!r}.")
     if not _jax():
         raise ValueError(

@@ -280,7 +280,7 @@ class CheckpointManager:
 
     @staticmethod
     def _hash_own_files(partial, index, count):
-        """Sizes and sha256 of the array files this process hashes; others' go to `.digests-<i>.json`."""
+        """Sizes and sha256 of the array files this process hashes (process i > 0: to a file)."""
         names = sorted(
             p.relative_to(partial).as_posix()
             for p in (partial / ARRAYS_DIR).rglob("*")

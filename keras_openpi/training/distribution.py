@@ -126,7 +126,7 @@ def training_devices():
 
 
 def device_mesh(fsdp_devices=1, devices=None):
-    """The `keras.distribution.DeviceMesh` of `make_distribution`: `("batch",)` or `("batch", "model")`."""
+    """The `DeviceMesh` of `make_distribution`: axes `("batch",)` or `("batch", "model")`."""
     devices = list(devices or training_devices())
     count = len(devices)
     if fsdp_devices < 1 or count % fsdp_devices:

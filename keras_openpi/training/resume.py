@@ -157,7 +157,9 @@ def agree_on_checkpoint(directory, end_step):
     if chosen == _FAILED:
         if error is not None:
             raise error
-        raise CheckpointError(f"process 0 found no checkpoint to resume in {directory} (see its log).")
+        raise CheckpointError(
+            f"process 0 found no checkpoint to resume in {directory} (see its log)."
+        )
     if chosen == mine:
         return point
     if chosen == _NONE:

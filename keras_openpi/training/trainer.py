@@ -493,4 +493,3 @@ def _closing(metrics):
         yield
     finally:
         metrics.close()
-
