@@ -27,7 +27,7 @@ OPTIMIZER_ITEM = "optimizer"
 
 
 class ArraysError(ValueError):
-    """The arrays of a checkpoint cannot be read (missing, truncated or corrupt files)."""
+    """A checkpoint's arrays cannot be read (missing, truncated, corrupt files) or written."""
 
 
 def _orbax():
@@ -57,6 +57,9 @@ def write_items(directory, items):
     Args:
         directory: the checkpoint's `arrays` folder.
         items: `{item name: {array name: array}}`; JAX arrays or numpy arrays.
+
+    Raises:
+        OSError, ArraysError: a file could not be written.
     """
     ocp = _orbax()
     handler = ocp.CompositeCheckpointHandler()
@@ -66,6 +69,8 @@ def write_items(directory, items):
     checkpointer = ocp.Checkpointer(handler)
     try:
         checkpointer.save(pathlib.Path(directory), args=args)
+    except ValueError as error:  # what tensorstore raises for a failed write
+        raise ArraysError(f"orbax could not write the arrays: {error}") from None
     finally:
         checkpointer.close()
 

@@ -8,6 +8,7 @@ import sys
 
 import keras
 
+from keras_openpi.backend.multiprocess import process_index
 from keras_openpi.training.errors import NonFiniteError
 from keras_openpi.training.run_dir import METRICS_FILE
 from keras_openpi.training.run_dir import SUPERSEDED_METRICS_FILE
@@ -15,14 +16,6 @@ from keras_openpi.training.tensorboard import EventWriter
 
 COLUMNS = ("step", "loss", "grad_norm", "learning_rate")
 NONFINITE_POLICIES = ("stop", "skip")
-
-
-def _is_chief():
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.process_index() == 0
-    return True
 
 
 def read_metrics(path):
@@ -88,7 +81,7 @@ class MetricsLogger(_StepCounter):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if not _is_chief():
+        if process_index() != 0:  # process 0 writes the metrics
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._supersede_rows_after(self.step)

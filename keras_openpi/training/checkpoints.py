@@ -33,6 +33,7 @@ import uuid
 import keras
 import numpy as np
 
+from keras_openpi.backend.multiprocess import broadcast_int
 from keras_openpi.backend.multiprocess import finite_flags
 from keras_openpi.backend.multiprocess import process_count
 from keras_openpi.backend.multiprocess import process_index
@@ -267,16 +268,24 @@ class CheckpointManager:
             if replaced is not None and not final.exists():
                 os.rename(replaced, final)  # put back the checkpoint this one was to replace
             reason = getattr(error, "strerror", None) or str(error)
-            raise CheckpointWriteError(
+            failure = CheckpointWriteError(
                 getattr(error, "errno", None),
                 f"checkpoint {step} was not written: {reason} while writing {path}; nothing of it "
                 f"was left behind and the newest checkpoint is {self._newest_text()}.",
-            ) from None
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        if index == 0:
-            self.prune(keep=step)
-        sync(f"keras_openpi_checkpoint_{step}_done")
+            )
+        else:
+            failure = None
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            if index == 0:
+                self.prune(keep=step)
+        # Every process learns whether process 0 completed the checkpoint (a barrier too).
+        if broadcast_int(failure is not None) and failure is None:
+            failure = CheckpointWriteError(
+                None, f"checkpoint {step} was not written: process 0 failed (see its log)."
+            )
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _hash_own_files(partial, index, count):

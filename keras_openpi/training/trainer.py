@@ -99,7 +99,7 @@ class Trainer:
             metrics, export, logs); a directory holding anything else is refused.
         max_steps: stop at this global step (default `config.num_train_steps`);
             the last step is always checkpointed, so `resume` continues.
-        verbose: `fit`'s verbosity (1: a progress bar).
+        verbose: `fit`'s verbosity (1: a progress bar; process 0's, the others show none).
         log: where the run's report lines go (None: nowhere).
 
     Example:
@@ -430,17 +430,16 @@ class Trainer:
         directory = pathlib.Path(directory or self.checkpoint_dir / EXPORT_DIR)
         source = self.manager.step_dir(self.end_step)
         path = directory / EXPORT_MODEL
-        if process_count() > 1:
-            # The weights are spread over the processes: process 0 reads the last
-            # checkpoint (always written) on its CPU.
-            if process_index() == 0:
+        if process_index() == 0:
+            if process_count() > 1:
+                # The weights are spread over the processes: process 0 reads the last
+                # checkpoint (always written) on its CPU.
                 with keras.device("cpu:0"):
                     export_checkpoint(self.checkpoint_dir, step=self.end_step, output=directory)
-        elif process_index() == 0:
-            export_policy(
-                self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
-            )
-        if process_index() == 0:
+            else:
+                export_policy(
+                    self.model, self.norm_stats, directory, step=self.end_step, source=str(source)
+                )
             self.log(f"exported {path} and its norm_stats.json")
         sync("keras_openpi_export")
         return path
