@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand modules; each has `add_parser(subparsers)` and `run(args) -> int`.
-COMMANDS = ["convert", "demo", "norm_stats", "serve", "train"]
+COMMANDS = ["convert", "demo", "export", "norm_stats", "serve", "train"]
 # Commands whose process trains: glibc keeps XLA's per-step buffers (see retain_freed_memory).
 TRAINING_COMMANDS = ("demo", "train")
 

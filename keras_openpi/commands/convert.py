@@ -7,13 +7,24 @@ def add_parser(subparsers):
     parser = subparsers.add_parser(
         "convert", help="convert an openpi checkpoint into a .keras file"
     )
-    parser.add_argument("source_format", choices=["openpi"], help="checkpoint format")
+    parser.add_argument(
+        "source_format", choices=["openpi", "lerobot", "openpi-pytorch"], help="checkpoint format"
+    )
     parser.add_argument(
         "source",
-        help="openpi params/ orbax directory or .npz of flat openpi parameter paths",
+        help="openpi params/ orbax directory or .npz of flat openpi parameter paths; "
+        "lerobot / openpi-pytorch: a directory with model.safetensors and config.json",
     )
-    parser.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], required=True)
-    parser.add_argument("--action-horizon", type=int, required=True)
+    parser.add_argument(
+        "--model",
+        choices=["pi0", "pi05", "pi0_fast"],
+        help="required for openpi; lerobot / openpi-pytorch: checked against the weights",
+    )
+    parser.add_argument(
+        "--action-horizon",
+        type=int,
+        help="required for openpi; lerobot / openpi-pytorch: default from config.json",
+    )
     parser.add_argument(
         "--action-dim",
         type=int,
@@ -42,7 +53,13 @@ def run(args):
 
     if not args.output.endswith(".keras"):
         raise ValueError(f"--output must end in .keras, got {args.output!r}.")
-    if args.model == "pi0_fast":
+    if args.source_format != "openpi":
+        from keras_openpi.commands.convert_lerobot import convert_lerobot
+
+        model = convert_lerobot(args)
+    elif args.model is None or args.action_horizon is None:
+        raise ValueError("convert openpi needs --model and --action-horizon.")
+    elif args.model == "pi0_fast":
         if args.action_dim is None:
             raise ValueError(
                 "--model pi0_fast needs --action-dim (the width of the decoded action chunks; "

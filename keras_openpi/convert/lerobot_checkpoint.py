@@ -9,6 +9,7 @@ the variants and `precision`).
 
 import json
 import os
+import re
 
 from keras_openpi.convert.lerobot_weights import EXPERT
 from keras_openpi.convert.lerobot_weights import LANGUAGE
@@ -58,11 +59,10 @@ def read_config(source, layout):
     return config, weights
 
 
-def _count(reader, pattern):
-    depth = 0
-    while pattern.format(depth) in reader:
-        depth += 1
-    return depth
+def _depth(reader, layers):
+    """1 + the highest `i` of any tensor named `{layers}.{i}.*`."""
+    found = [re.match(re.escape(layers) + r"\.(\d+)\.", key) for key in reader.keys()]
+    return 1 + max((int(m.group(1)) for m in found if m), default=-1)
 
 
 def _shape(reader, name):
@@ -85,7 +85,7 @@ def _gemma(reader, base, variant, role):
         )
     return dict(
         width=width,
-        depth=_count(reader, base + ".layers.{}.self_attn.q_proj.weight"),
+        depth=_depth(reader, f"{base}.layers"),
         mlp_dim=_shape(reader, f"{base}.layers.0.mlp.gate_proj.weight")[0],
         num_heads=heads["num_heads"],
         num_kv_heads=heads["num_kv_heads"],
@@ -124,7 +124,7 @@ def architecture(reader, config, layout):
         ),
         vision_variant=dict(
             width=vision_width,
-            depth=_count(reader, VISION + ".encoder.layers.{}.self_attn.q_proj.weight"),
+            depth=_depth(reader, f"{VISION}.encoder.layers"),
             mlp_dim=_shape(reader, f"{VISION}.encoder.layers.0.mlp.fc1.weight")[0],
             num_heads=SIGLIP_HEADS,
             patch_size=patch,
@@ -140,7 +140,8 @@ def architecture(reader, config, layout):
                 f"has shape {_shape(reader, 'action_in_proj.weight')} (action_dim {action_dim})."
             )
         kwargs["action_horizon"] = config.get("action_horizon", 50)
-        resolution = (224, 224)
+        side = int(round(positions**0.5))  # openpi's config has no image size: square images
+        resolution = (side * patch, side * patch)
     else:
         if (config["type"] == "pi05") != pi05:
             raise ValueError(
@@ -246,10 +247,9 @@ def lerobot_config(model, paligemma_variant=None, action_expert_variant=None):
     from keras_openpi.models.variants import resolve_siglip_variant
 
     vision = resolve_siglip_variant(model.vision_variant)
-    if paligemma_variant is None and (vision["num_heads"], vision["patch_size"]) != (SIGLIP_HEADS, 14):
-        raise ValueError(
-            f"LeRobot's SigLIP is So400m/14 (16 heads, 14x14 patches); this model's is {vision}."
-        )
+    so400m = resolve_siglip_variant("So400m/14")
+    if paligemma_variant is None and vision != so400m:
+        raise ValueError(f"LeRobot's SigLIP is So400m/14 {so400m}; this model's is {vision}.")
     height, width = model.image_resolution
     features = {
         f"{IMAGE_PREFIX}{key}": {"type": "VISUAL", "shape": [3, height, width]} for key in model.image_keys
