@@ -3,7 +3,7 @@
 from keras_openpi.convert.lerobot_checkpoint import export_lerobot
 from keras_openpi.convert.lerobot_checkpoint import pi0_from_lerobot
 from keras_openpi.convert.openpi_export import export_openpi
-from keras_openpi.convert.openpi_export import openpi_params
+from keras_openpi.convert.openpi_export import to_openpi_params
 from keras_openpi.convert.openpi_params import load_openpi_params
 from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
 from keras_openpi.convert.pi0_fast_weights import openpi_model_type
@@ -101,7 +101,7 @@ def _check_model_type(params, model, source):
 __all__ = [
     "export_lerobot",
     "export_openpi",
-    "openpi_params",
+    "to_openpi_params",
     "pi0_from_lerobot",
     "load_openpi_params",
     "load_pi0_fast_weights",

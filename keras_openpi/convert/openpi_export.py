@@ -25,7 +25,7 @@ def _weight_map(model):
     raise ValueError(f"openpi export takes a Pi0 or Pi0Fast model, got {type(model).__name__}.")
 
 
-def openpi_params(model, dtype="float32"):
+def to_openpi_params(model, dtype="float32"):
     """The flat openpi parameters of a model: `{openpi_path: array}` in openpi's layout.
 
     The inverse of `load_pi0_weights` / `load_pi0_fast_weights`: depth-stacked
@@ -85,7 +85,7 @@ def export_openpi(model, output, dtype="float32"):
     output = os.fspath(output)
     if os.path.exists(output):
         raise FileExistsError(f"{output!r} exists; choose a new output directory.")
-    tree = {"params": unflatten_dict(openpi_params(model, dtype))}
+    tree = {"params": unflatten_dict(to_openpi_params(model, dtype))}
     partial = output.rstrip("/") + ".partial"
     if os.path.exists(partial):
         shutil.rmtree(partial)
