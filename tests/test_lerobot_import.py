@@ -112,6 +112,13 @@ def test_config_that_contradicts_the_weights(tmp_path):
         pi0_from_lerobot(FIXTURE / "pi0", model="pi05")
 
 
+def test_state_width_other_than_action_width_is_refused(tmp_path):
+    source = copy_fixture("pi0", tmp_path / "src")
+    _rewrite(source, lambda t: t.update({"model.state_proj.weight": np.zeros((16, 6), np.float32)}))
+    with pytest.raises(ValueError, match=r"'state_proj.weight' has shape \(16, 6\) and 'action_in_proj.weight' \(16, 8\)"):
+        pi0_from_lerobot(source)
+
+
 def test_missing_files_and_bad_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
         pi0_from_lerobot(tmp_path / "nowhere")

@@ -10,6 +10,9 @@ the variants and `precision`).
 import json
 import os
 import re
+import shutil
+
+import numpy as np
 
 from keras_openpi.convert.lerobot_weights import EXPERT
 from keras_openpi.convert.lerobot_weights import LANGUAGE
@@ -114,6 +117,12 @@ def architecture(reader, config, layout):
     """
     pi05 = "time_mlp_in.weight" in reader
     action_dim = _shape(reader, "action_in_proj.weight")[1]
+    if "state_proj.weight" in reader and _shape(reader, "state_proj.weight")[1] != action_dim:
+        raise ValueError(
+            f"tensor 'state_proj.weight' has shape {_shape(reader, 'state_proj.weight')} and "
+            f"'action_in_proj.weight' {_shape(reader, 'action_in_proj.weight')}: keras_openpi's π0, like "
+            "openpi's, takes state and actions of one width (max_state_dim must equal max_action_dim)."
+        )
     patch_name = f"{VISION}.embeddings.patch_embedding.weight"
     vision_width, _, patch, _ = _shape(reader, patch_name)
     positions = _shape(reader, f"{VISION}.embeddings.position_embedding.weight")[0]
@@ -296,9 +305,6 @@ def export_lerobot(model, output, paligemma_variant=None, action_expert_variant=
         ValueError: a model LeRobot cannot build (not π0 / π0.5, dimensions of no
             LeRobot variant), or a quantized model.
     """
-    import shutil
-    import numpy as np
-
     from keras_openpi.models import Pi0
 
     if not isinstance(model, Pi0):
