@@ -1,11 +1,11 @@
-"""`keras-openpi convert openpi SRC ...`: an openpi checkpoint to a `.keras` file."""
+"""`keras-openpi convert openpi|lerobot|openpi-pytorch SRC ...`: a checkpoint to a `.keras` file."""
 
 import os
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "convert", help="convert an openpi checkpoint into a .keras file"
+        "convert", help="convert an openpi, LeRobot or openpi-PyTorch checkpoint into a .keras file"
     )
     parser.add_argument(
         "source_format", choices=["openpi", "lerobot", "openpi-pytorch"], help="checkpoint format"
