@@ -3,6 +3,7 @@
 #   .venv         keras_openpi with its test extra
 #   .venv-client  openpi's own client (openpi-client from PyPI pins numpy<2, so it lives apart)
 #   .venv-sim     the ALOHA simulator and openpi's client (examples/aloha_sim/setup.sh)
+#   .venv-lerobot LeRobot 0.6.1 on PyTorch CPU, for the LeRobot import/export tests (scripts/lerobot_venv.sh)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,5 @@ fi
 # The ALOHA simulator (gym-aloha, MuJoCo) in .venv-sim and headless rendering (Mesa EGL, from
 # Debian when missing) for tests/test_aloha_sim.py.
 PYTHON="$PYTHON" bash examples/aloha_sim/setup.sh
+PYTHON="$PYTHON" bash scripts/lerobot_venv.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -3,6 +3,10 @@
 import math
 import numbers
 
+from keras_openpi.convert.lerobot_checkpoint import export_lerobot
+from keras_openpi.convert.lerobot_checkpoint import pi0_from_lerobot
+from keras_openpi.convert.openpi_export import export_openpi
+from keras_openpi.convert.openpi_export import to_openpi_params
 from keras_openpi.convert.openpi_params import load_openpi_params
 from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
 from keras_openpi.convert.pi0_fast_weights import openpi_model_type
@@ -133,6 +137,10 @@ def _check_model_type(params, model, source):
 
 __all__ = [
     "check_settings",
+    "export_lerobot",
+    "export_openpi",
+    "to_openpi_params",
+    "pi0_from_lerobot",
     "load_openpi_params",
     "load_pi0_fast_weights",
     "load_pi0_weights",
