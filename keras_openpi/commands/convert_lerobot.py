@@ -1,7 +1,6 @@
 """`keras-openpi convert lerobot|openpi-pytorch SRC_DIR ...`: Hugging Face π0 / π0.5 checkpoints to a Keras model."""
 
 
-
 def convert_lerobot(args):
     """Builds the `Pi0` of a `convert lerobot` / `convert openpi-pytorch` command line.
 
