@@ -49,7 +49,7 @@ def test_frozen_bfloat16_with_remat_trains_compiled(tmp_path):
     reloaded = check_keras_round_trip(model, tmp_path / "bf16.keras")
     assert reloaded.finetuning_state.frozen_dtype == "bfloat16"
     assert reloaded.finetuning_state.remat
-    assert "remat" in reloaded.gemma.decoder_blocks[0]._call_levers
+    assert "remat" in reloaded.gemma.decoder_blocks[0].call_levers
 
 
 def test_remat_leaves_gradients_unchanged():
@@ -110,7 +110,7 @@ def test_sequenced_sampling_gives_the_same_actions():
     model.enable_sequencing(False)
     plain = model.sample_actions(observation, noise=noise, num_steps=3)
     model.enable_sequencing(True)
-    assert all(v._call_levers == {"sequenced"} for v in model.remat_layers())
+    assert all(v.call_levers == {"sequenced"} for v in model.remat_layers())
     sequenced = model.sample_actions(observation, noise=noise, num_steps=3)
     np.testing.assert_allclose(np.asarray(sequenced), np.asarray(plain), atol=1e-6)
 
