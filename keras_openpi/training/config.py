@@ -18,7 +18,7 @@ import json
 import pathlib
 import typing
 
-from keras_openpi.commands.demo import DEMO_MODEL
+from keras_openpi.models.presets import DEMO_MODEL
 
 
 @dataclasses.dataclass(frozen=True)
