@@ -7,7 +7,9 @@ import numpy as np
 
 from keras_openpi.models import small_model
 from keras_openpi.models.presets import TINY_GEMMA
+from keras_openpi.models.presets import TINY_VISION
 
+VLM, VISION = TINY_GEMMA, TINY_VISION
 DEPTH = TINY_GEMMA["depth"]
 BATCH = 4  # two steps of 2
 
