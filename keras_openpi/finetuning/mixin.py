@@ -19,10 +19,14 @@ class FinetuningMixin:
 
     The model declares its groups and the mixin does the rest:
 
-    - `finetuning_groups()` returns `{group: {"layers": [...], "lora": [...]}}`
-      (π0: `vision`, `vlm`, `action_expert`, `projections`; `lora` lists the
-      linear maps LoRA adapts when the group is a target);
-    - `remat_layers()` returns the layers to rematerialize (decoder blocks).
+    - `finetuning_groups()` returns `{group: {"layers": [...], "lora": [...],
+      "openpi_lora_rank": r}}` (π0: `vision`, `vlm`, `action_expert`,
+      `projections`; π0-FAST: `vision`, `vlm`; `lora` lists the linear maps
+      LoRA adapts when the group is a target);
+    - `default_lora_targets()` names the groups `enable_lora()` and the
+      `lora` strategy adapt (like keras-hub's `default_lora_layer_names`);
+    - `remat_layers()` returns the layers to rematerialize (decoder blocks)
+      and `row_chunked_layers()` those computed in row chunks under remat.
 
     Everything is built on Keras' mechanisms: `variable.trainable` /
     `layer.trainable` for freezing, `Dense.enable_lora` / `EinsumDense.enable_lora`
@@ -46,8 +50,18 @@ class FinetuningMixin:
             f"{type(self).__name__} must declare finetuning_groups() to use FinetuningMixin."
         )
 
+    def default_lora_targets(self):
+        """The groups `enable_lora()` and the `lora` strategy adapt; see the class docstring."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must declare default_lora_targets() to use FinetuningMixin."
+        )
+
     def remat_layers(self):
         """The layers `enable_remat` rematerializes; none unless the model says so."""
+        return []
+
+    def row_chunked_layers(self):
+        """The layers computed in row chunks under remat (JAX); none unless the model says so."""
         return []
 
     @property
@@ -84,7 +98,7 @@ class FinetuningMixin:
 
     # === LoRA ===
 
-    def enable_lora(self, rank=16, alpha=None, targets=("vlm", "action_expert"), freeze_vision=False):
+    def enable_lora(self, rank=16, alpha=None, targets=None, freeze_vision=False):
         """Adds Keras LoRA adapters to every linear map of the target groups.
 
         Each attention projection (query, key, value, output) and feed-forward
@@ -94,13 +108,16 @@ class FinetuningMixin:
         Frozen afterwards, exactly as openpi's `*_lora` configurations: every
         other weight of a target (base kernels, norms, and for the VLM its
         token embedding; π0.5's adaRMS projections). Vision and projections
-        keep training unless `freeze_vision`.
+        keep training unless `freeze_vision` (openpi's π0-FAST LoRA config
+        freezes vision too).
 
         Args:
-            rank: positive int, dict per target, or `"openpi"` (VLM 16, action expert 32).
+            rank: positive int, dict per target, or `"openpi"` (VLM 16, π0's
+                action expert 32).
             alpha: number, dict per target, or None (alpha = rank).
-            targets: groups to adapt: `("vlm", "action_expert")`, `("vlm",)`
-                or `("action_expert",)`.
+            targets: groups to adapt, e.g. `("vlm", "action_expert")`,
+                `("vlm",)` or `("action_expert",)`; None for the model's
+                `default_lora_targets()`.
             freeze_vision: also freeze the vision encoder.
         """
         config = lora.resolve_lora_config(self, rank, alpha, targets)

@@ -12,6 +12,7 @@ import dataclasses
 
 import keras
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.finetuning.freezing import frozen_record
 from keras_openpi.finetuning.freezing import restore_frozen
 from keras_openpi.finetuning.groups import relative_path
@@ -40,7 +41,7 @@ class FinetuningState:
 
 def _quantized(model):
     groups = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model, include_self=False):
         mode = getattr(layer, "quantization_mode", None)
         if mode and layer.path:
             config = keras.saving.serialize_keras_object(

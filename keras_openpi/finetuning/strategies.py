@@ -6,6 +6,7 @@ from keras_openpi.finetuning.freezing import freeze
 from keras_openpi.finetuning.freezing import group_layers
 from keras_openpi.finetuning.freezing import unfreeze_all
 from keras_openpi.finetuning.groups import declared_groups
+from keras_openpi.finetuning.groups import default_lora_targets
 from keras_openpi.finetuning.lora import add_adapters
 from keras_openpi.finetuning.lora import adapted_layers
 from keras_openpi.finetuning.lora import resolve_lora_config
@@ -21,16 +22,22 @@ class Strategy:
 
     Args:
         name: the strategy's name.
-        lora_targets: groups that get LoRA adapters (their other weights freeze).
+        lora_targets: groups that get LoRA adapters (their other weights
+            freeze); `DEFAULT_LORA_TARGETS` for the model's own
+            `default_lora_targets()`.
         frozen_groups: groups frozen entirely.
         description: one line for humans.
     """
 
     name: str
-    lora_targets: tuple = ()
+    lora_targets: object = ()
     frozen_groups: tuple = ()
     description: str = ""
 
+
+# The `lora_targets` of a strategy that adapts what the model declares
+# (`default_lora_targets()`: π0 and π0.5 the VLM and the action expert, π0-FAST its Gemma).
+DEFAULT_LORA_TARGETS = "default"
 
 STRATEGIES = {
     s.name: s
@@ -38,9 +45,10 @@ STRATEGIES = {
         Strategy("full", description="every weight trains (openpi's default)"),
         Strategy(
             "lora",
-            lora_targets=("vlm", "action_expert"),
-            description="LoRA on the VLM and the action expert; vision and projections train "
-            "(openpi's gemma_2b_lora + gemma_300m_lora)",
+            lora_targets=DEFAULT_LORA_TARGETS,
+            description="LoRA on the model's default targets (π0: the VLM and the action "
+            "expert, openpi's gemma_2b_lora + gemma_300m_lora; π0-FAST: its Gemma, "
+            "gemma_2b_lora); vision and projections train",
         ),
         Strategy(
             "lora_vlm",
@@ -87,10 +95,10 @@ def apply_strategy(
     Apply it before `compile` (or compile again afterwards).
 
     Args:
-        model: a model with `FinetuningMixin` (π0, π0.5).
+        model: a model with `FinetuningMixin` (π0, π0.5, π0-FAST).
         strategy: a name in `STRATEGIES`, or a dict `{"name": ..., **options}`
             with the options below (as a training config would give them).
-        rank: LoRA rank, per target dict, or `"openpi"` (VLM 16, action expert 32).
+        rank: LoRA rank, per target dict, or `"openpi"` (VLM 16, π0's action expert 32).
         alpha: LoRA alpha (None: equal to the rank, scale 1, as openpi).
         freeze_vision: also freeze the SigLIP encoder (openpi's LoRA trains it).
         freeze_patterns: regular expressions; weights whose path relative to
@@ -170,15 +178,19 @@ def apply_strategy(
 
 
 def _model_lora_targets(model, spec, frozen_groups):
-    """The strategy's LoRA targets that `model` has (π0-FAST has no action expert:
-    `lora` adapts its VLM, as openpi's `gemma_2b_lora`); an error when the strategy
-    adapts nothing of the model or would freeze all of it."""
+    """The groups the strategy adapts on `model`; an error when the model lacks one of
+    them or when the strategy would freeze all of the model."""
     declared = declared_groups(model)
-    targets = tuple(t for t in spec.lora_targets if t in declared)
-    if spec.lora_targets and not targets:
+    if spec.lora_targets == DEFAULT_LORA_TARGETS:
+        targets = default_lora_targets(model)
+    else:
+        targets = tuple(spec.lora_targets)
+    missing = [t for t in targets + tuple(frozen_groups) if t not in declared]
+    if missing:
+        kind = "adapts" if set(missing) & set(targets) else "freezes"
         raise ValueError(
-            f"Strategy {spec.name!r} adapts {list(spec.lora_targets)}, which "
-            f"{type(model).__name__} does not have (its groups: {sorted(declared)})."
+            f"Strategy {spec.name!r} {kind} {missing}, which {type(model).__name__} "
+            f"does not have (its groups: {sorted(declared)})."
         )
     if not targets and set(declared) <= set(frozen_groups):
         raise ValueError(
@@ -186,3 +198,20 @@ def _model_lora_targets(model, spec, frozen_groups):
             f"{type(model).__name__} (its groups: {sorted(declared)})."
         )
     return targets
+
+
+def available_strategies(model):
+    """The names of the `STRATEGIES` that apply to `model` (its groups have what they adapt and freeze).
+
+    Example:
+    >>> available_strategies(pi0_fast)  # doctest: +SKIP
+    ['frozen_vision', 'full', 'lora', 'lora_vlm']
+    """
+    names = []
+    for name, spec in STRATEGIES.items():
+        try:
+            _model_lora_targets(model, spec, spec.frozen_groups)
+        except ValueError:
+            continue
+        names.append(name)
+    return sorted(names)

@@ -30,6 +30,10 @@ class SentencePieceModel:
 
         self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
 
+    def save(self, path):
+        """Writes the model's bytes to `path` (a `.model` file)."""
+        pathlib.Path(path).write_bytes(self._proto)
+
     def __getstate__(self):
         return {"path": self.path, "proto": self._proto}
 

@@ -19,7 +19,7 @@ import math
 import pathlib
 import typing
 
-from keras_openpi.commands.demo import DEMO_MODEL
+from keras_openpi.models.presets import DEMO_MODEL
 
 
 @dataclasses.dataclass(frozen=True)
