@@ -63,7 +63,7 @@ class MetaWorldTask:
         self.env.model.vis.quality.offsamples = 0
         if mujoco.mj_name2id(self.env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera) < 0:
             raise ValueError(f"MetaWorld has no camera {camera!r} (try corner4, corner, topview).")
-        self._renderer = mujoco.Renderer(self.env.model, *self.image_size)
+        self._renderers = {self.image_size: mujoco.Renderer(self.env.model, *self.image_size)}
         self._variations = {}
         self.observation = None
 
@@ -95,13 +95,13 @@ class MetaWorldTask:
         return self.observation[:STATE_DIM].astype(np.float32)
 
     def render(self, size=None, camera=None):
-        """The camera's image now, right side up: `(H, W, 3)` uint8."""
-        if size is None:
-            renderer = self._renderer
-        else:
+        """The camera's image now, right side up: `(H, W, 3)` uint8 (default size: `image_size`)."""
+        size = tuple(size or self.image_size)
+        if size not in self._renderers:
             import mujoco
 
-            renderer = mujoco.Renderer(self.env.model, *size)
+            self._renderers[size] = mujoco.Renderer(self.env.model, *size)
+        renderer = self._renderers[size]
         renderer.update_scene(self.env.data, camera=camera or self.camera)
         return np.ascontiguousarray(renderer.render()[::-1, ::-1])
 
