@@ -326,7 +326,8 @@ def test_run_all_tiny_budget_runs_the_whole_study(tmp_path):
     episode = evals["tasks"]["door-close-v3"]["episode_results"][0]
     assert episode["steps"] <= 10 and episode["seed"] == 100_000
     assert evals["server_metadata"]["robot"] == "metaworld" and evals["replan_steps"] == 5
-    assert (tmp_path / "metaworld.md").read_text().count("\n| ") == 3  # the base and 2 strategies
+    # The table's header, the base and the 2 strategies.
+    assert (tmp_path / "metaworld.md").read_text().count("\n| ") == 4
     assert (tmp_path / "metaworld.png").stat().st_size > 0
     assert (tmp_path / "frames" / "base" / "drawer-open-v3.png").stat().st_size > 0
 
