@@ -140,7 +140,7 @@ BUDGETS = {
     ),
     "small": Budget(
         name="small", pretrain_tasks=PRETRAIN_TASKS, held_out_tasks=HELD_OUT_TASKS,
-        pretrain_demos=25, held_out_demos=15, image_size=(64, 64),
+        pretrain_demos=25, held_out_demos=20, image_size=(64, 64),
         base_config="pi0_metaworld_small", base_steps=None,
         finetune_config="pi0_metaworld_small_finetune", finetune_steps=None, batch_size=None,
         strategies=STUDY_STRATEGIES, scratch=True, seeds=(0, 1), base_episodes=20,
@@ -466,6 +466,8 @@ def main(argv=None):
     parser.add_argument("--weights", help="full budget: openpi's pi0_base params")
     parser.add_argument("--tokenizer", help="full budget: PaliGemma's tokenizer .model")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the training seeds")
+    parser.add_argument("--base-steps", type=int, help="override the base's training steps")
+    parser.add_argument("--finetune-steps", type=int, help="override the fine-tuning steps")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="more training settings for every run (keras-openpi train --set)",
@@ -473,7 +475,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     budget = BUDGETS[args.budget]
-    changes = {"results": args.results, "seeds": tuple(args.seeds) if args.seeds else None}
+    changes = {"results": args.results, "seeds": tuple(args.seeds) if args.seeds else None,
+               "base_steps": args.base_steps, "finetune_steps": args.finetune_steps}
     budget = dataclasses.replace(budget, **{k: v for k, v in changes.items() if v is not None})
     if budget.name == "full" and not (args.weights and args.tokenizer):
         parser.error("the full budget starts from openpi's pi0_base: give --weights and --tokenizer")

@@ -415,8 +415,8 @@ _CONFIGS += [
         # normalization) `strategy=...`.
         base_weights="a pi0_metaworld_small policy.keras",
         data=_METAWORLD,
-        optimizer=OptimizerConfig(warmup_steps=30, peak_lr=1e-3, decay_steps=400, decay_lr=1e-4),
-        num_train_steps=400,
+        optimizer=OptimizerConfig(warmup_steps=30, peak_lr=1e-3, decay_steps=600, decay_lr=1e-4),
+        num_train_steps=600,
         **_METAWORLD_SMALL,
     ),
     TrainConfig(
