@@ -38,7 +38,7 @@ def pi0_from_openpi(
         lora_scale: openpi's LoRA `alpha / rank`, for checkpoints with adapters
             (they are merged into the base weights).
         keep_lora: keep the checkpoint's LoRA adapters unmerged, in openpi's
-            form (see `keep_openpi_lora`).
+            form (see `kept_openpi_lora`).
         **kwargs: more `Pi0` arguments (e.g. `dtype`, `image_keys`).
 
     Returns:
@@ -53,12 +53,12 @@ def pi0_from_openpi(
     )
     params = load_openpi_params(source)
     _check_model_type(params, model, source)
+    lora = kept_openpi_lora(params, PI0_EXPERTS, lora_scale, source) if keep_lora else {}
     config = pi0_config_from_params(params)
     policy = Pi0(
         **config, action_horizon=action_horizon, max_token_len=max_token_len, **kwargs
     )
-    if keep_lora:
-        keep_openpi_lora(policy, params, PI0_EXPERTS, lora_scale, source)
+    _enable_openpi_lora(policy, lora)
     load_pi0_weights(policy, params, lora_scale=lora_scale)
     return policy
 
@@ -84,7 +84,7 @@ def pi0_fast_from_openpi(
         lora_scale: openpi's LoRA `alpha / rank`, for checkpoints with adapters
             (they are merged into the base weights).
         keep_lora: keep the checkpoint's LoRA adapters unmerged, in openpi's
-            form (see `keep_openpi_lora`).
+            form (see `kept_openpi_lora`).
         **kwargs: more `Pi0Fast` arguments (e.g. `dtype`, `image_keys`).
 
     Returns:
@@ -100,6 +100,7 @@ def pi0_fast_from_openpi(
     )
     params = load_openpi_params(source)
     _check_model_type(params, "pi0_fast", source)
+    lora = kept_openpi_lora(params, PI0_FAST_EXPERTS, lora_scale, source) if keep_lora else {}
     policy = Pi0Fast(
         **pi0_fast_config_from_params(params),
         action_dim=action_dim,
@@ -107,20 +108,19 @@ def pi0_fast_from_openpi(
         max_token_len=max_token_len,
         **kwargs,
     )
-    if keep_lora:
-        keep_openpi_lora(policy, params, PI0_FAST_EXPERTS, lora_scale, source)
+    _enable_openpi_lora(policy, lora)
     load_pi0_fast_weights(policy, params, lora_scale=lora_scale)
     return policy
 
 
-def keep_openpi_lora(model, params, experts, lora_scale, source):
-    """Gives `model` openpi-form adapters shaped as the checkpoint's, before its weights load.
+def kept_openpi_lora(params, experts, lora_scale, source):
+    """The openpi-form LoRA configuration that keeps a checkpoint's adapters (`keep_lora`).
 
     The adapted experts and their ranks are read from the `lora_a` / `lora_b`
     arrays (openpi stores no alpha: alpha = `lora_scale` * rank, 1 * rank
-    for openpi's configs). Afterwards the model is frozen as openpi's
+    for openpi's configs). A model given these adapters is frozen as openpi's
     `*_lora` configuration (every weight of an adapted expert but its
-    adapters); loading the checkpoint then assigns the adapters as they are.
+    adapters), and loading the checkpoint assigns the adapters as they are.
 
     Raises:
         ValueError: the checkpoint has no LoRA weights, or adapts an expert
@@ -132,6 +132,12 @@ def keep_openpi_lora(model, params, experts, lora_scale, source):
             f"--keep-lora: the openpi checkpoint {str(source)!r} has no LoRA weights "
             "(no lora_a / lora_b arrays); convert it without --keep-lora."
         )
+    return config
+
+
+def _enable_openpi_lora(model, config):
+    if not config:
+        return
     model.enable_lora(
         rank={group: spec["rank"] for group, spec in config.items()},
         alpha={group: spec["alpha"] for group, spec in config.items()},
@@ -178,7 +184,7 @@ def _check_model_type(params, model, source):
 __all__ = [
     "check_settings",
     "export_lerobot",
-    "keep_openpi_lora",
+    "kept_openpi_lora",
     "export_openpi",
     "to_openpi_params",
     "pi0_from_lerobot",

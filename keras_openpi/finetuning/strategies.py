@@ -193,7 +193,7 @@ def _check_kept_adapters(model, strategy, lora_config, quantize):
     current = {k: dict(v) for k, v in model.finetuning_state.lora.items()}
     if current != lora_config:
         raise ValueError(
-            f"{model.name!r} has LoRA adapters {json.dumps(current)}; strategy {strategy!r} "
+            f"{model.name!r} already has LoRA adapters {json.dumps(current)}; strategy {strategy!r} "
             f"asks for {json.dumps(lora_config)}. A strategy keeps a model's adapters only "
             "when it asks for exactly them (targets, rank, alpha, form); otherwise call "
             "merge_lora() first, or rebuild the model."
