@@ -205,8 +205,11 @@ def openpi_lora_checkpoint(model_type, path, rank=2, seed=0):
 
 def import_tiny(model_type, path, **options):
     base = tiny_policy(model_type)
-    settings = dict(action_horizon=base.action_horizon, max_token_len=base.max_token_len,
-                    image_keys=base.image_keys)
+    settings = {
+        "action_horizon": base.action_horizon,
+        "max_token_len": base.max_token_len,
+        "image_keys": base.image_keys,
+    }
     if model_type == "pi0_fast":
         return pi0_fast_from_openpi(path, action_dim=base.action_dim, **settings, **options)
     return pi0_from_openpi(path, model=model_type, **settings, **options)
@@ -287,3 +290,16 @@ def test_openpis_lora_configuration(model_type):
         frozen = bool(GEMMA.fullmatch(path)) and "lora_kernel" not in path
         assert variable.trainable != frozen, path
     assert "openpi form" in model.trainable_summary().title
+
+
+def test_form_errors():
+    model = tiny_policy("pi0")
+    with pytest.raises(ValueError, match="LoRA form must be one of \\('keras', 'openpi'\\), got 'peft'"):
+        apply_strategy(model, "full", form="peft")
+    with pytest.raises(ValueError, match="quantize='int8' with form='openpi': openpi's LoRA form adapts float"):
+        apply_strategy(model, "lora", quantize="int8", form="openpi")
+    assert model.trainable_summary()["total"]["frozen"] == 0  # nothing changed
+    model.enable_lora(rank=2, form="openpi")
+    with pytest.raises(ValueError, match="has openpi-form LoRA adapters .*merge_lora\\(\\) before quantizing"):
+        model.quantize("int8")
+    assert not [layer for layer in model._flatten_layers() if getattr(layer, "quantization_mode", None)]

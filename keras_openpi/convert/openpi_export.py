@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.convert.openpi_lora import lora_weight_map
 from keras_openpi.convert.pi0_fast_weights import pi0_fast_weight_map
 from keras_openpi.convert.pi0_weights import pi0_weight_map
@@ -77,7 +78,7 @@ def to_openpi_params(model, dtype="float32", keep_lora=False):
 def _check_openpi_form(model):
     adapted = [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in flatten_layers(model, include_self=False)
         if getattr(layer, "lora_enabled", False)
     ]
     if not adapted:

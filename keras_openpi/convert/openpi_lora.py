@@ -13,8 +13,13 @@ import re
 
 LAYERS = "PaliGemma/llm/layers"
 # The base weights openpi's `*_lora` Gemma variants adapt, per expert suffix.
-_ADAPTED = ("attn/q_einsum{}/w", "attn/kv_einsum{}/w", "attn/attn_vec_einsum{}/w",
-            "mlp{}/gating_einsum", "mlp{}/linear")
+_ADAPTED = (
+    "attn/q_einsum{}/w",
+    "attn/kv_einsum{}/w",
+    "attn/attn_vec_einsum{}/w",
+    "mlp{}/gating_einsum",
+    "mlp{}/linear",
+)
 _ADAPTED_PATH = re.compile(
     rf"{LAYERS}/(attn/(q|kv|attn_vec)_einsum(_\d+)?/w|mlp(_\d+)?/(gating_einsum|linear))"
 )
@@ -48,7 +53,10 @@ def lora_weight_map(entries):
         if _ADAPTED_PATH.fullmatch(openpi_path) and keras_path.endswith("/kernel"):
             a_path, b_path = lora_paths(openpi_path)
             stem = keras_path[: -len("kernel")]
-            lora += [(a_path, stem + "lora_kernel_a", select), (b_path, stem + "lora_kernel_b", select)]
+            lora += [
+                (a_path, stem + "lora_kernel_a", select),
+                (b_path, stem + "lora_kernel_b", select),
+            ]
     return lora
 
 
@@ -87,15 +95,24 @@ def openpi_lora_config(params, experts, lora_scale=1.0):
                 "feed-forward matrix adapted (openpi's *_lora variants); convert without "
                 "--keep-lora to merge them."
             )
-        ranks = {path: params[path].shape[-1 if path.endswith("lora_a") else -2] for path in wanted}
+        ranks = {
+            path: params[path].shape[-1 if path.endswith("lora_a") else -2]
+            for path in wanted
+        }
         if len(set(ranks.values())) != 1:
-            shown = ", ".join(f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}: {r}"
-                              for path, r in ranks.items())
+            shown = ", ".join(
+                f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}: {r}"
+                for path, r in ranks.items()
+            )
             raise ValueError(
                 f"the openpi checkpoint's {group} adapters have several ranks ({shown}); "
                 "keeping LoRA unmerged needs one rank per expert. Convert without --keep-lora "
                 "to merge them."
             )
         rank = int(next(iter(ranks.values())))
-        config[group] = {"rank": rank, "alpha": float(lora_scale * rank), "form": "openpi"}
+        config[group] = {
+            "rank": rank,
+            "alpha": float(lora_scale * rank),
+            "form": "openpi",
+        }
     return config

@@ -3,6 +3,7 @@
 import numpy as np
 from keras import ops
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.convert.pi0_weights import _keras_variables
 
 
@@ -51,7 +52,7 @@ def weight_slices(model, entries):
 def _check_float(model):
     """Raises a `ValueError` for a model with a quantized layer; returns its adapted layers."""
     adapted = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model, include_self=False):
         if getattr(layer, "quantization_mode", None):
             raise ValueError(
                 f"{layer.path!r} is quantized ({layer.quantization_mode}); export a model "
@@ -77,7 +78,12 @@ def merged_values(model):
         ValueError: for an int8- or otherwise quantized model (dequantize or
             export before quantizing).
     """
-    adapted = {id(layer._kernel): layer for layer in _check_float(model)}
+    adapted = {
+        id(variable): layer
+        for layer in _check_float(model)
+        for variable in layer.weights
+        if variable.name == "kernel"
+    }
 
     def value(variable):
         layer = adapted.get(id(variable))

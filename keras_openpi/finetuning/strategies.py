@@ -16,6 +16,7 @@ from keras_openpi.finetuning.memory import cast_frozen
 from keras_openpi.finetuning.memory import quantization_mode
 from keras_openpi.finetuning.memory import quantize_layers
 from keras_openpi.finetuning.memory import set_remat
+from keras_openpi.layers.lora_dense import check_lora_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,7 @@ def apply_strategy(
             "or a dict {'name': ..., **options}."
         )
     spec = STRATEGIES[strategy]
+    check_lora_form(form)
     state = model.finetuning_state
     if state.frozen_dtype:
         raise ValueError(
@@ -164,6 +166,11 @@ def apply_strategy(
         _check_kept_adapters(model, strategy, lora_config, quantize)
     if quantize:
         quantization_mode(quantize)  # validated before anything changes
+    if quantize and lora_targets and form == "openpi":
+        raise ValueError(
+            f"quantize={quantize!r} with form='openpi': openpi's LoRA form adapts float "
+            "kernels; use form='keras' for quantized bases."
+        )
     if quantize and not (lora_targets or frozen_groups):
         raise ValueError(
             f"quantize={quantize!r} quantizes frozen weights, and strategy {strategy!r} freezes none."
