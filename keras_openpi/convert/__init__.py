@@ -184,8 +184,8 @@ def _check_model_type(params, model, source):
 __all__ = [
     "check_settings",
     "export_lerobot",
-    "kept_openpi_lora",
     "export_openpi",
+    "kept_openpi_lora",
     "to_openpi_params",
     "pi0_from_lerobot",
     "load_openpi_params",
