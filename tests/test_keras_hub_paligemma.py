@@ -249,7 +249,7 @@ def test_pi0_fast_from_paligemma_is_paligemma(backbone, inputs):
         "tokenized_prompt_mask": mask,
         "token_ar_mask": ar,
     }
-    embedded, input_mask, ar_mask = model.embed_inputs(model.prepare_observation(observation))
+    embedded, input_mask, ar_mask = model.embed_prefix(model.prepare_observation(observation))
     positions = ops.cumsum(ops.cast(input_mask, "int32"), axis=1) - 1
     attention = make_attention_mask(input_mask, ar_mask)
     (hidden,), _ = model.gemma([embedded], positions, attention)
