@@ -15,6 +15,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from keras_openpi.data.robots import MetaworldOutputs
 from keras_openpi.data.robots import get_robot
 from keras_openpi.data.robots import metaworld
 from keras_openpi.models import Pi0
+from keras_openpi.tokenizers import ByteTokenizer
 from keras_openpi.training import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -199,7 +201,14 @@ def test_prompts_name_every_mt50_task_in_32_bytes(example):
     tasks = example["tasks"]
     assert len(tasks.PROMPTS) == 50 and len(set(tasks.PROMPTS.values())) == 50
     assert max(len(p.encode()) for p in tasks.PROMPTS.values()) <= tasks.MAX_PROMPT_BYTES
-    assert get_config("pi0_metaworld_small").model["max_token_len"] == tasks.MAX_PROMPT_BYTES
+    max_len = get_config("pi0_metaworld_small").model["max_token_len"]
+    tokenizer = ByteTokenizer(max_len)
+    for prompt in tasks.PROMPTS.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a truncated prompt warns
+            ids, mask = tokenizer.tokenize(prompt)
+        assert int(mask.sum()) == len(prompt.encode()) + 2  # BOS, the bytes, "\n"
+    assert max_len == tasks.MAX_PROMPT_BYTES + 2
     assert not set(tasks.PRETRAIN_TASKS) & set(tasks.HELD_OUT_TASKS)
     assert len(tasks.PRETRAIN_TASKS) == 8 and len(tasks.HELD_OUT_TASKS) == 3
     with pytest.raises(ValueError, match="unknown MetaWorld task 'reach-v2'"):

@@ -3,8 +3,8 @@
 Imports nothing from MetaWorld, so both environments (`.venv` and `.venv-metaworld`) read it.
 
 MetaWorld names its 50 tasks (`reach-v3`, ...) but gives no instruction; `PROMPTS` has one per
-MT50 task, short (at most 32 bytes: the byte tokenizer's `max_token_len`) and naming the object
-and what to do with it, as a person would ask. `PRETRAIN_TASKS` and `HELD_OUT_TASKS` are the
+MT50 task, short (at most 32 bytes: with BOS and "\n", the byte tokenizer's `max_token_len`
+of 34) and naming the object and what to do with it, as a person would ask. `PRETRAIN_TASKS` and `HELD_OUT_TASKS` are the
 study's split (see README.md for why these).
 """
 

@@ -402,7 +402,8 @@ _METAWORLD = DataConfig(
     asset_id="metaworld_scripted",
 )
 # A π0 small enough to learn several MetaWorld tasks from pixels on a CPU: one 64x64 camera in
-# 8x8 patches, the 4-dim state and actions, chunks of 10 actions (1/8 s), byte prompts (32).
+# 8x8 patches, the 4-dim state and actions, chunks of 10 actions (1/8 s), byte prompts (up to
+# 32 bytes, plus the BOS and "\n" tokens).
 _METAWORLD_SMALL_GEMMA = dict(
     width=64, depth=3, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=16
 )
@@ -413,7 +414,7 @@ METAWORLD_SMALL_MODEL = dict(
     vocabulary_size=259,
     action_dim=4,
     action_horizon=10,
-    max_token_len=32,
+    max_token_len=34,
     image_resolution=[64, 64],
     image_keys=["base_0_rgb"],
 )
