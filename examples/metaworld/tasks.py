@@ -4,8 +4,8 @@ Imports nothing from MetaWorld, so both environments (`.venv` and `.venv-metawor
 
 MetaWorld names its 50 tasks (`reach-v3`, ...) but gives no instruction; `PROMPTS` has one per
 MT50 task, short (at most 32 bytes: with BOS and "\n", the byte tokenizer's `max_token_len`
-of 34) and naming the object and what to do with it, as a person would ask. `PRETRAIN_TASKS` and `HELD_OUT_TASKS` are the
-study's split (see README.md for why these).
+of 34) and naming the object and what to do with it, as a person would ask. `PRETRAIN_TASKS`
+and `HELD_OUT_TASKS` are the study's split (see README.md for why these).
 """
 
 PROMPTS = {
