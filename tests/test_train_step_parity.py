@@ -44,7 +44,7 @@ from keras_openpi.convert import pi0_from_openpi
 from keras_openpi.convert.pi0_weights import pi0_weight_map
 from keras_openpi.training import OptimizerConfig
 from keras_openpi.training import get_config
-from keras_openpi.training.ema import ema_weights
+from keras_openpi.backend.keras_private import ema_pairs
 from keras_openpi.training.optimizer import make_optimizer
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "openpi_train"
@@ -159,7 +159,7 @@ def run(request, openpi_fixture):
     )
     paths = [relative_path(model, v) for v in model.trainable_variables]
     def averages():
-        pairs = ema_weights(model.optimizer)
+        pairs = ema_pairs(model.optimizer)
         return {relative_path(model, v): keras.ops.convert_to_numpy(a) for v, a in pairs}
 
     steps, ema_steps, logs = [weights()], [averages()], []
