@@ -22,4 +22,4 @@ PYTHON="$PYTHON" bash examples/aloha_sim/setup.sh
 PYTHON="$PYTHON" bash scripts/lerobot_venv.sh
 # MetaWorld (MuJoCo 3.3.0) in .venv-metaworld for tests/test_metaworld.py.
 PYTHON="$PYTHON" bash examples/metaworld/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
