@@ -22,7 +22,7 @@ here equal the `norm_stats.json` openpi's `compute_norm_stats.py` writes.
 
 import numpy as np
 
-from keras_openpi.data.finite import first_non_finite
+from keras_openpi.data.finite import finite_vectors
 from keras_openpi.data.normalize import NormStats
 
 NUM_BINS = 5000
@@ -77,15 +77,9 @@ class OpenpiRunningStats:
                 "OpenpiRunningStats.update needs a numeric array of shape (..., d), got "
                 f"dtype {batch.dtype} and shape {batch.shape}."
             )
-        batch = batch.reshape(-1, batch.shape[-1])
+        batch = finite_vectors(batch, "OpenpiRunningStats.update")
         if batch.shape[0] == 0:
             return
-        bad = first_non_finite(batch)
-        if bad is not None:
-            raise ValueError(
-                f"OpenpiRunningStats.update got {bad[1]} (vector {bad[0][0]}, dimension "
-                f"{bad[0][1]}): norm stats need finite values."
-            )
         if self._dim is None:
             self._start(batch)
         elif batch.shape[1] != self._dim:

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from keras_openpi.data.finite import finite_vectors
 from keras_openpi.data.finite import first_non_finite
 from keras_openpi.data.normalize import NormStats
 from keras_openpi.data.normalize import warn_near_zero_range
@@ -48,15 +49,9 @@ class RunningStats:
         batch = np.asarray(batch, dtype=np.float64)
         if batch.ndim == 0:
             raise ValueError("RunningStats.update needs an array of shape (..., d), got a scalar.")
-        batch = batch.reshape(-1, batch.shape[-1])
+        batch = finite_vectors(batch, "RunningStats.update")
         if batch.shape[0] == 0:
             return
-        bad = first_non_finite(batch)
-        if bad is not None:
-            raise ValueError(
-                f"RunningStats.update got {bad[1]} (vector {bad[0][0]}, dimension {bad[0][1]}): "
-                "norm stats need finite values (NaN or infinite values make every statistic NaN)."
-            )
         if self._dim is None:
             self._start(batch)
         elif batch.shape[1] != self._dim:
