@@ -50,7 +50,7 @@ def config(name):
     """`(Pi0 arguments, batch size)` of a named configuration."""
     sys.path.insert(0, str(HERE))
     if name == "demo":
-        from keras_openpi.commands.demo import DEMO_MODEL
+        from keras_openpi.models.presets import DEMO_MODEL
         from keras_openpi.tokenizers import ByteTokenizer
 
         vocabulary_size = ByteTokenizer(DEMO_MODEL["max_token_len"]).vocabulary_size

@@ -50,7 +50,6 @@ import keras  # noqa: E402
 from keras_openpi.backend import xla_memory  # noqa: E402
 from keras_openpi.finetuning import shapes_only  # noqa: E402
 from keras_openpi.finetuning.lora import adapted_layers  # noqa: E402
-from keras_openpi.finetuning.lora_call import drop_low_rank_call  # noqa: E402
 from keras_openpi.finetuning.memory import quantize_layers  # noqa: E402
 from keras_openpi.finetuning.memory import set_remat  # noqa: E402
 from keras_openpi.models import Pi0  # noqa: E402
@@ -128,7 +127,7 @@ def build_train_model(model_name, strategy, levers):
         model.apply_strategy("lora" if quantize else strategy, **options)
     if not levers["low_rank_lora"]:
         for layer in adapted_layers(model):
-            drop_low_rank_call(layer)
+            layer.low_rank_call = False  # Keras' merged-kernel call
     if levers["remat"] and not levers["feed_forward_chunks"]:
         set_remat(model, True, feed_forward_rows=None)
     model.enable_sequencing(levers["sequencing"])

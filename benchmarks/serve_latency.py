@@ -34,7 +34,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import numpy as np  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from keras_openpi.commands.demo import DEMO_MODEL  # noqa: E402
+from keras_openpi.models.presets import DEMO_MODEL  # noqa: E402
 from keras_openpi.serving import msgpack_codec  # noqa: E402
 
 CONCURRENCY = (1, 8)

@@ -422,8 +422,6 @@ def restore_variables(step_dir, groups, local=False):
 
 def load_model_spec(step_dir):
     """The model of a checkpoint's `model.json`, built, without its weights."""
-    import keras_openpi.models  # noqa: F401  registers the classes model.json names
-
     path = pathlib.Path(step_dir) / MODEL_FILE
     spec = read_json(path)
     try:

@@ -13,7 +13,7 @@ import sys
 
 # Subcommand modules; each has `add_parser(subparsers)` and `run(args) -> int`
 # and imports only light modules at its top.
-COMMANDS = ["convert", "demo", "export_policy", "norm_stats", "serve", "train"]
+COMMANDS = ["convert", "demo", "export", "export_policy", "norm_stats", "serve", "train"]
 # Commands whose process trains: glibc keeps XLA's per-step buffers (see retain_freed_memory).
 TRAINING_COMMANDS = ("demo", "train")
 

@@ -26,7 +26,7 @@ from keras.ops import convert_to_numpy
 from training_support import TINY_SETS
 
 from keras_openpi.cli import main
-from keras_openpi.commands.demo import DEMO_MODEL
+from keras_openpi.models.presets import DEMO_MODEL
 from keras_openpi.convert import pi0_fast_from_openpi
 from keras_openpi.data.procedural_source import ProceduralDataset
 from keras_openpi.convert import pi0_from_openpi

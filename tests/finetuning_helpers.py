@@ -1,16 +1,16 @@
-"""A tiny π0 and a two-step `fit` shared by the fine-tuning tests."""
+"""Tiny policies and a two-step `fit` shared by the fine-tuning tests."""
 
 import re
 
 import keras
 import numpy as np
 
-from keras_openpi.models import Pi0
+from keras_openpi.models import small_model
+from keras_openpi.models.presets import TINY_GEMMA
+from keras_openpi.models.presets import TINY_VISION
 
-DEPTH = 2
-VLM = dict(width=32, depth=DEPTH, mlp_dim=64, num_heads=2, num_kv_heads=1, head_dim=8)
-EXPERT = dict(VLM, width=16, mlp_dim=32)
-VISION = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=16)
+VLM, VISION = TINY_GEMMA, TINY_VISION
+DEPTH = TINY_GEMMA["depth"]
 BATCH = 4  # two steps of 2
 
 # π0 discards the VLM's output (only the suffix is decoded), so these weights
@@ -23,34 +23,36 @@ NO_GRADIENT = re.compile(
 
 
 def tiny_pi0(**overrides):
-    kwargs = dict(
-        paligemma_variant=VLM,
-        action_expert_variant=EXPERT,
-        vision_variant=VISION,
-        vocabulary_size=64,
-        action_dim=4,
-        action_horizon=3,
-        max_token_len=5,
-        image_keys=("base_0_rgb", "left_wrist_0_rgb"),
-        image_resolution=(32, 32),
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return Pi0(**kwargs)
+    """The `pi0_tiny` preset (`pi05=True`: π0.5)."""
+    return small_model("pi0_tiny", **overrides)
+
+
+def tiny_policy(model_type, **overrides):
+    """The tiny π0 (`pi0`), π0.5 (`pi05`) or π0-FAST (`pi0_fast`)."""
+    if model_type == "pi0_fast":
+        return small_model("pi0_fast_tiny", **overrides)
+    return small_model("pi0_tiny", pi05=model_type == "pi05", **overrides)
 
 
 def training_batch(model, size=BATCH, seed=0):
+    """Random `(observation, actions)`; π0-FAST's actions are in its tokens (None)."""
     rng = np.random.default_rng(seed)
     h, w = model.image_resolution
+    length = model.max_token_len
     observation = {
         "image": {
             k: rng.uniform(-1, 1, (size, h, w, 3)).astype("float32") for k in model.image_keys
         },
         "image_mask": {k: np.ones((size,), bool) for k in model.image_keys},
-        "state": rng.normal(size=(size, model.action_dim)).astype("float32"),
-        "tokenized_prompt": rng.integers(0, model.vocabulary_size, (size, model.max_token_len)).astype("int32"),
-        "tokenized_prompt_mask": np.ones((size, model.max_token_len), bool),
+        "tokenized_prompt": rng.integers(0, model.vocabulary_size, (size, length)).astype("int32"),
+        "tokenized_prompt_mask": np.ones((size, length), bool),
     }
+    if model.model_type == "pi0_fast":
+        postfix = np.arange(length) >= length // 2  # a bidirectional prefix, then a causal postfix
+        observation["token_ar_mask"] = np.broadcast_to(postfix, (size, length)).astype("int32")
+        observation["token_loss_mask"] = np.broadcast_to(postfix, (size, length)).copy()
+        return observation, None
+    observation["state"] = rng.normal(size=(size, model.action_dim)).astype("float32")
     actions = rng.normal(size=(size, model.action_horizon, model.action_dim)).astype("float32")
     return observation, actions
 

@@ -49,7 +49,7 @@ def test_frozen_bfloat16_with_remat_trains_compiled(tmp_path):
     reloaded = check_keras_round_trip(model, tmp_path / "bf16.keras")
     assert reloaded.finetuning_state.frozen_dtype == "bfloat16"
     assert reloaded.finetuning_state.remat
-    assert "remat" in reloaded.gemma.decoder_blocks[0]._call_levers
+    assert "remat" in reloaded.gemma.decoder_blocks[0].call_levers
 
 
 def test_remat_leaves_gradients_unchanged():
@@ -110,7 +110,7 @@ def test_sequenced_sampling_gives_the_same_actions():
     model.enable_sequencing(False)
     plain = model.sample_actions(observation, noise=noise, num_steps=3)
     model.enable_sequencing(True)
-    assert all(v._call_levers == {"sequenced"} for v in model.remat_layers())
+    assert all(v.call_levers == {"sequenced"} for v in model.remat_layers())
     sequenced = model.sample_actions(observation, noise=noise, num_steps=3)
     np.testing.assert_allclose(np.asarray(sequenced), np.asarray(plain), atol=1e-6)
 
@@ -150,3 +150,24 @@ def test_keras_quantize_then_enable_lora():
     assert model.vision_encoder.head.bias.trainable
     quantized = model.get_config()["finetuning"]["quantized"]
     assert [q["mode"] for q in quantized] == ["int8"] and "vision_encoder/head" in quantized[0]["layers"]
+
+
+def test_shapes_only_int8_quantization_matches_keras():
+    """Inside `shapes_only()` int8 quantization gives the weights Keras' own quantization gives."""
+    from finetuning_helpers import relative
+
+    from keras_openpi.finetuning import shapes_only
+    from keras_openpi.finetuning.memory import quantize_layers
+
+    def describe(model):
+        return [(relative(model, v), tuple(v.shape), str(v.dtype), v.trainable) for v in model.weights]
+
+    real = tiny_pi0()
+    quantize_layers(real, [real.vision_encoder, real.gemma], "int8_weight_only")
+    with shapes_only():
+        abstract = tiny_pi0()
+        quantize_layers(abstract, [abstract.vision_encoder, abstract.gemma], "int8_weight_only")
+    assert describe(abstract) == describe(real)
+    assert any(dtype == "int8" for _, _, dtype, _ in describe(real))
+    layers = [abstract.gemma.decoder_blocks[0].experts[0].attention.query, abstract.gemma.token_embedding]
+    assert all(layer.inputs_quantizer is None for layer in layers)  # the requested weight-only config

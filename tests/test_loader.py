@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_openpi.commands.demo import DEMO_MODEL
+from keras_openpi.models.presets import DEMO_MODEL
 from keras_openpi.data.loader import DataLoader
 from keras_openpi.data.loader import collate
 from keras_openpi.data.pipeline import build_transforms

@@ -66,11 +66,12 @@ def test_augmentation_runs_in_training_only_and_is_part_of_the_config():
     assert model.get_config()["augment"] is True
     assert Pi0(**TINY_MODEL).get_config()["augment"] is False
     evaluate = model.flow_matching_loss(observation, actions, noise, time)
-    state = np.array(model.seed_generator.state.numpy())
+    generator = model.image_augmentation.seed_generator
+    state = np.array(generator.state.numpy())
     augmented = model.flow_matching_loss(observation, actions, noise, time, training=True)
     assert not np.allclose(augmented, evaluate, rtol=1e-3)
-    # Drawn from the model's seed generator, which advances (a resumed run continues it).
-    assert not np.array_equal(model.seed_generator.state.numpy(), state)
+    # Drawn from the augmentation's seed generator, which advances (a resumed run continues it).
+    assert not np.array_equal(generator.state.numpy(), state)
     model.augment = False
     np.testing.assert_allclose(
         model.flow_matching_loss(observation, actions, noise, time, training=True),

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_openpi.data import augment
+from keras_openpi.layers import image_augmentation as augment
 from keras_openpi.data.image_tools import resize_with_pad
 from keras_openpi.data.image_tools import to_uint8_hwc
 from keras_openpi.data.normalize import NormStats

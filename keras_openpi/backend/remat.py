@@ -26,7 +26,7 @@ def rematerialized_call(layer, call, sequenced=False):
 
     Args:
         layer: the layer whose variables `call` reads.
-        call: the function to rematerialize, usually the layer's bound `call`.
+        call: the function to rematerialize, usually the layer's bound `forward` (see `backend.call_levers`).
         sequenced: run the forward pass (not the recomputation, which is
             sequenced by its gradient already) after the layer's input exists
             (`backend.sequencing.sequenced_forward`).
@@ -35,7 +35,7 @@ def rematerialized_call(layer, call, sequenced=False):
         A function with `call`'s signature.
 
     Example:
-    >>> block.call = rematerialized_call(block, block.call)  # doctest: +SKIP
+    >>> run = rematerialized_call(block, block.forward)  # doctest: +SKIP
     """
     if keras.backend.backend() != "jax":
         raise ValueError(

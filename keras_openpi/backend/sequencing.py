@@ -56,13 +56,13 @@ def sequenced_call(layer, call):
 
     Args:
         layer: the layer whose variables `call` reads.
-        call: the function to sequence, usually the layer's bound `call`.
+        call: the function to sequence, usually the layer's bound `forward` (see `backend.call_levers`).
 
     Returns:
         A function with `call`'s signature.
 
     Example:
-    >>> block.call = sequenced_call(block, block.call)  # doctest: +SKIP
+    >>> run = sequenced_call(block, block.forward)  # doctest: +SKIP
     """
     if keras.backend.backend() != "jax":
         raise ValueError(f"sequenced_call is for the JAX backend; this is {keras.backend.backend()!r}.")

@@ -2,15 +2,7 @@
 
 import keras
 
-
-def current_value(variable):
-    """The value `variable` has in the enclosing `keras.StatelessScope` (the train step's), else its own."""
-    # Keras 3.15 has no public accessor for the current stateless scope.
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-    scope = get_stateless_scope()
-    value = scope.get_current_value(variable) if scope is not None else None
-    return variable.value if value is None else value
+from keras_openpi.backend.keras_private import current_value
 
 
 def call_on_arrays(layer, call, args, kwargs):

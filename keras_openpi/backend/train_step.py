@@ -86,8 +86,27 @@ def _jax_train_step(model, state, data):
             for variable, new, old in zip(optimizer.variables, updated_optimizer, optimizer_values)
         ]
     trainable, optimizer_values = updated, updated_optimizer
-    logs, metrics_values = model._update_metrics_variables(
-        metrics_values, loss, x, y, y_pred, sample_weight
-    )
+    logs, metrics_values = _update_metrics(model, metrics_values, loss, x, y, y_pred, sample_weight)
     logs = {**logs, "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate}
     return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+
+def _update_metrics(model, metrics_values, loss, x, y, y_pred, sample_weight):
+    """Keras' metric update of a JAX train step, stateless, through the public API.
+
+    The running-mean `loss` tracker is updated (weighted by the batch size, as
+    Keras does), then the compiled metrics (`compute_metrics`); returns the
+    logs and the new metric variable values.
+    """
+    mapping = list(zip(model.metrics_variables, metrics_values))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        batch_size = next(v for v in keras.tree.flatten(x) if v is not None).shape[0]
+        for metric in model.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=batch_size)
+        logs = model.compute_metrics(x, y, y_pred, sample_weight)
+    values = []
+    for variable in model.metrics_variables:
+        value = scope.get_current_value(variable)
+        values.append(variable.value if value is None else value)
+    return logs, values

@@ -13,11 +13,14 @@ allocated, so a 3.3 B-parameter π0 can be planned on a laptop.
 JAX only.
 """
 
-import inspect
 import math
 import time
 
 import keras
+
+from keras_openpi.backend.keras_private import ema_pairs
+from keras_openpi.backend.keras_private import jitted_train_step
+from keras_openpi.backend.keras_private import shapes_only
 
 COMPILED_FIELDS = {
     "argument_bytes": "argument_size_in_bytes",
@@ -73,20 +76,12 @@ def train_step_program(model, batch_size):
     that is not built yet is built here without allocating its slots (inside
     `shapes_only`), for the model's trainable variables.
     """
-    from keras_openpi.finetuning.summary import shapes_only
-
     if getattr(model, "optimizer", None) is None:
         raise ValueError(f"Compile {model.name!r} with an optimizer before measuring its train step.")
     if not model.optimizer.built:
         with shapes_only():
             model.optimizer.build(model.trainable_variables)
-    model.make_train_function(force=True)
-    step = inspect.getclosurevars(model.train_function).nonlocals.get("step_function")
-    if not hasattr(step, "lower"):
-        raise ValueError(
-            "Keras' JAX trainer no longer exposes its jitted train step as `step_function` "
-            f"(found {type(step).__name__}); keras {keras.__version__} is not supported."
-        )
+    step = jitted_train_step(model)
     state = tuple(
         [spec(v) for v in variables]
         for variables in (
@@ -144,8 +139,8 @@ def analytical_training_bytes(model):
     summary = model.trainable_summary()["total"]
     optimizer = model.optimizer
     weight_ids = {id(v) for v in model.weights}
-    averages = getattr(optimizer, "_model_variables_moving_average", None) or []
-    average_ids = {id(v) for v in averages if v is not None}
+    averages = [average for _, average in ema_pairs(optimizer)]
+    average_ids = {id(v) for v in averages}
     slot_bytes = sum(
         spec_bytes(spec(v)) for v in optimizer.variables if v.shape and id(v) not in average_ids
     )
@@ -156,7 +151,7 @@ def analytical_training_bytes(model):
         "weights_bytes": summary["trainable_bytes"] + summary["frozen_bytes"],
         "gradient_bytes": summary["gradient_bytes"],
         "optimizer_bytes": slot_bytes,
-        "ema_bytes": sum(spec_bytes(spec(v)) for v in averages if v is not None),
+        "ema_bytes": sum(spec_bytes(spec(v)) for v in averages),
         "other_state_bytes": sum(spec_bytes(spec(v)) for v in other),
         "trainable_params": summary["trainable"],
         "frozen_params": summary["frozen"],

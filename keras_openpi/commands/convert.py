@@ -1,4 +1,4 @@
-"""`keras-openpi convert openpi SRC ...`: an openpi checkpoint to a `.keras` file."""
+"""`keras-openpi convert openpi|lerobot|openpi-pytorch SRC ...`: a checkpoint to a `.keras` file."""
 
 import os
 import tempfile
@@ -6,15 +6,26 @@ import tempfile
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "convert", help="convert an openpi checkpoint into a .keras file"
+        "convert", help="convert an openpi, LeRobot or openpi-PyTorch checkpoint into a .keras file"
     )
-    parser.add_argument("source_format", choices=["openpi"], help="checkpoint format")
+    parser.add_argument(
+        "source_format", choices=["openpi", "lerobot", "openpi-pytorch"], help="checkpoint format"
+    )
     parser.add_argument(
         "source",
-        help="openpi params/ orbax directory or .npz of flat openpi parameter paths",
+        help="openpi params/ orbax directory or .npz of flat openpi parameter paths; "
+        "lerobot / openpi-pytorch: a directory with model.safetensors and config.json",
     )
-    parser.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], required=True)
-    parser.add_argument("--action-horizon", type=int, required=True)
+    parser.add_argument(
+        "--model",
+        choices=["pi0", "pi05", "pi0_fast"],
+        help="required for openpi; lerobot / openpi-pytorch: checked against the weights",
+    )
+    parser.add_argument(
+        "--action-horizon",
+        type=int,
+        help="required for openpi; lerobot / openpi-pytorch: default from config.json",
+    )
     parser.add_argument(
         "--action-dim",
         type=int,
@@ -32,6 +43,12 @@ def add_parser(subparsers):
         type=float,
         default=1.0,
         help="openpi LoRA alpha/rank for checkpoints with adapters (merged)",
+    )
+    parser.add_argument(
+        "--keep-lora",
+        action="store_true",
+        help="openpi only: keep the checkpoint's LoRA adapters unmerged, in openpi's form "
+        "(trainable, frozen as openpi's *_lora configs), to continue a LoRA run",
     )
     parser.add_argument("--output", required=True, help="the .keras file to write")
     parser.add_argument(
@@ -108,15 +125,33 @@ def save_model(model, output):
 
 def run(args):
     from keras_openpi.convert import check_settings
+
+    check_settings(flags=True, lora_scale=args.lora_scale, max_token_len=args.max_token_len)
+    if args.action_horizon is not None:
+        check_settings(flags=True, action_horizon=args.action_horizon)
+    if args.source_format == "openpi":
+        model = _convert_openpi(args)
+    elif args.keep_lora:
+        raise ValueError(
+            f"--keep-lora is for openpi checkpoints; a {args.source_format} checkpoint has no adapters."
+        )
+    else:
+        from keras_openpi.commands.convert_lerobot import convert_lerobot
+
+        check_output(args.output, args.overwrite)
+        model = convert_lerobot(args)
+    save_model(model, args.output)
+    print(f"wrote {args.output} ({model.count_params():,} parameters)")
+    return 0
+
+
+def _convert_openpi(args):
+    from keras_openpi.convert import check_settings
     from keras_openpi.convert import pi0_fast_from_openpi
     from keras_openpi.convert import pi0_from_openpi
 
-    check_settings(
-        flags=True,
-        action_horizon=args.action_horizon,
-        max_token_len=args.max_token_len,
-        lora_scale=args.lora_scale,
-    )
+    if args.model is None or args.action_horizon is None:
+        raise ValueError("convert openpi needs --model and --action-horizon.")
     if args.model == "pi0_fast":
         if args.action_dim is None:
             raise ValueError(
@@ -132,21 +167,19 @@ def run(args):
     # None: the model's default (48 pi0, 200 pi05, 250 pi0_fast); 0 was refused above.
     tokens = {} if args.max_token_len is None else {"max_token_len": args.max_token_len}
     if args.model == "pi0_fast":
-        model = pi0_fast_from_openpi(
+        return pi0_fast_from_openpi(
             args.source,
             action_dim=args.action_dim,
             action_horizon=args.action_horizon,
             lora_scale=args.lora_scale,
+            keep_lora=args.keep_lora,
             **tokens,
         )
-    else:
-        model = pi0_from_openpi(
-            args.source,
-            action_horizon=args.action_horizon,
-            model=args.model,
-            lora_scale=args.lora_scale,
-            **tokens,
-        )
-    save_model(model, args.output)
-    print(f"wrote {args.output} ({model.count_params():,} parameters)")
-    return 0
+    return pi0_from_openpi(
+        args.source,
+        action_horizon=args.action_horizon,
+        model=args.model,
+        lora_scale=args.lora_scale,
+        keep_lora=args.keep_lora,
+        **tokens,
+    )

@@ -23,18 +23,6 @@ HELD_OUT_START = 1_000_000  # episode indices of the held-out split
 HELD_OUT_EPISODES = 4
 NUM_SAMPLING_STEPS = 10
 
-# A small π0: the same architecture as openpi's, with small dimensions.
-DEMO_GEMMA = dict(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16)
-DEMO_MODEL = dict(
-    paligemma_variant=DEMO_GEMMA,
-    action_expert_variant=DEMO_GEMMA,
-    vision_variant=dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=16),
-    action_dim=8,
-    action_horizon=10,
-    max_token_len=32,
-    image_resolution=(96, 96),
-)
-
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
@@ -132,6 +120,7 @@ def run_demo(
     import keras
 
     from keras_openpi.models.pi0 import Pi0
+    from keras_openpi.models.presets import DEMO_MODEL
     from keras_openpi.tokenizers import ByteTokenizer
 
     if steps < 1 or batch_size < 1:

@@ -7,6 +7,7 @@ with respect to those, and the optimizer builds its slots only for them.
 with everything here.
 """
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.finetuning.groups import declared_groups
 from keras_openpi.finetuning.groups import is_locked
 from keras_openpi.finetuning.groups import match_weights
@@ -64,7 +65,7 @@ def frozen_record(model):
     """`(frozen layer paths, frozen weight paths)`, relative to the model."""
     layers = [
         relative_path(model, layer.path)
-        for layer in model._flatten_layers(include_self=False)
+        for layer in flatten_layers(model, include_self=False)
         if not layer.trainable and layer.path
     ]
     weights = [relative_path(model, v.path) for v in model.weights if not v.trainable]
@@ -74,7 +75,7 @@ def frozen_record(model):
 def restore_frozen(model, frozen_layers, frozen_weights):
     """Sets exactly the recorded frozen layers and weights (inverse of `frozen_record`)."""
     frozen_layers, frozen_weights = set(frozen_layers), set(frozen_weights)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model, include_self=False):
         if layer.path and relative_path(model, layer.path) in frozen_layers:
             layer.trainable = False
     owners = owning_layers(model)

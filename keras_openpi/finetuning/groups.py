@@ -1,23 +1,30 @@
 """A model's fine-tuning groups: which weights are vision, VLM, action expert, projections.
 
 A model taking part in fine-tuning declares its groups with a method
-`finetuning_groups()` returning `{group: {"layers": [...], "lora": [...]}}`:
-`layers` are the layers whose weights (nested ones included) form the group,
-`lora` the linear maps (`Dense` / `EinsumDense`) that LoRA adapts when the
-group is a LoRA target (groups without `lora` cannot be targeted). Every
-function here works from that declaration only, so that another model (π0-FAST)
-gets the same strategies by declaring its own groups.
+`finetuning_groups()` returning `{group: {"layers": [...], "lora": [...],
+"openpi_lora_rank": r}}`: `layers` are the layers whose weights (nested ones
+included) form the group, `lora` the linear maps (`LoRADense` /
+`LoRAEinsumDense`) that LoRA adapts when the group is a LoRA target (groups
+without `lora` cannot be targeted), `openpi_lora_rank` the rank (and alpha)
+of openpi's LoRA variant for the group, if it has one. It also declares
+`default_lora_targets()`, the groups `enable_lora` and the `lora` strategy
+adapt. Every function here works from these declarations only, so that every
+model (π0, π0.5, π0-FAST) gets the same strategies.
 """
 
 import re
 
 import keras
 
+from keras_openpi.backend.keras_private import flatten_layers
+
 # The pseudo-group of LoRA adapter matrices in summaries (they live inside the
 # layers of their target group, but are counted apart).
 ADAPTER_GROUP = "lora_adapters"
 ADAPTER_NAMES = ("lora_kernel_a", "lora_kernel_b")
 OTHER_GROUP = "other"
+LORA_BASE_NAMES = ("kernel", "embeddings")
+GROUP_KEYS = ("layers", "lora", "openpi_lora_rank")
 
 
 def relative_path(model, path):
@@ -43,14 +50,12 @@ def is_locked(variable, layer):
         return True
     if getattr(layer, "quantization_mode", None) and variable.name != "bias":
         return True
-    return bool(
-        getattr(layer, "lora_enabled", False)
-        and variable is getattr(layer, "_kernel", None)
-    )
+    # Keras' `enable_lora` freezes the base kernel (embeddings of an Embedding).
+    return bool(getattr(layer, "lora_enabled", False) and variable.name in LORA_BASE_NAMES)
 
 
 def declared_groups(model):
-    """`model.finetuning_groups()`, checked: `{group: {"layers": [...], "lora": [...]}}`."""
+    """`model.finetuning_groups()`, checked: `{group: {"layers", "lora", "openpi_lora_rank"}}`."""
     if not hasattr(model, "finetuning_groups"):
         raise ValueError(
             f"{type(model).__name__} declares no fine-tuning groups: it needs a "
@@ -58,14 +63,32 @@ def declared_groups(model):
         )
     groups = {}
     for name, spec in model.finetuning_groups().items():
-        unknown = set(spec) - {"layers", "lora"}
+        unknown = set(spec) - set(GROUP_KEYS)
         if unknown or "layers" not in spec:
             raise ValueError(
                 f"Fine-tuning group {name!r} must be a dict with keys 'layers' and "
-                f"optionally 'lora'; got keys {sorted(spec)}."
+                f"optionally 'lora' and 'openpi_lora_rank'; got keys {sorted(spec)}."
             )
-        groups[name] = {"layers": list(spec["layers"]), "lora": list(spec.get("lora", ()))}
+        groups[name] = {
+            "layers": list(spec["layers"]),
+            "lora": list(spec.get("lora", ())),
+            "openpi_lora_rank": spec.get("openpi_lora_rank"),
+        }
     return groups
+
+
+def default_lora_targets(model):
+    """`model.default_lora_targets()`, checked against the model's LoRA groups."""
+    groups = declared_groups(model)
+    targets = tuple(model.default_lora_targets()) if hasattr(model, "default_lora_targets") else ()
+    lora_groups = sorted(name for name, spec in groups.items() if spec["lora"])
+    bad = [t for t in targets if t not in lora_groups]
+    if not targets or bad:
+        raise ValueError(
+            f"{type(model).__name__}.default_lora_targets() must name groups among "
+            f"{lora_groups}; got {list(targets)}."
+        )
+    return targets
 
 
 def group_weights(model):
@@ -96,10 +119,14 @@ def group_weights(model):
 
 
 def owning_layers(model):
-    """`{id(weight): layer}`: the layer that holds each weight as its own attribute."""
+    """`{id(weight): layer}`: the layer that holds each weight as its own attribute.
+
+    That is the innermost layer whose `weights` hold it: layers come parents
+    first, so the last one seen owns it.
+    """
     owners = {}
-    for layer in model._flatten_layers(include_self=True):
-        for variable in layer._trainable_variables + layer._non_trainable_variables:
+    for layer in flatten_layers(model):
+        for variable in layer.weights:
             owners[id(variable)] = layer
     return owners
 

@@ -1,18 +1,9 @@
-"""Saving LoRA models: unmerged adapters in `.keras` files, and small adapter files.
+"""Small adapter files: the trainable weights of a fine-tuned model and its fine-tuning record.
 
-Keras 3.15's `Dense` / `EinsumDense` write `kernel + alpha / rank * A @ B` as
-their kernel when saved and assign zeros to A and B when loaded, so a reloaded
-LoRA model has lost its adapters: with B = 0 and A = 0 both get a zero gradient
-forever. `keep_adapters_on_save` replaces, on one adapted layer, the two hooks
-Keras documents for taking control of a layer's saving (`save_own_variables`,
-`load_own_variables`) by ones that write and read every weight of the layer
-as it is, keyed by name: the frozen base kernel (float, or int8 with its
-scale), A and B. Nothing else changes: the file is a standard `.keras` /
-`.weights.h5`, and `model.get_config()` records the LoRA configuration so that
-`from_config` re-creates the adapters before the weights load.
+(`.keras` and `.weights.h5` files keep LoRA adapters unmerged through the
+layers themselves: see `keras_openpi.layers.LowRankAdaptationMixin`.)
 """
 
-import functools
 import json
 
 import numpy as np
@@ -21,44 +12,6 @@ from keras_openpi.finetuning.groups import relative_path
 
 FORMAT = "keras_openpi.lora_weights/1"
 META_KEY = "__meta__"
-
-
-def keep_adapters_on_save(layer):
-    """Makes `layer` (LoRA enabled) save and load its unmerged weights."""
-    layer.save_own_variables = functools.partial(_save_unmerged, layer)
-    layer.load_own_variables = functools.partial(_load_unmerged, layer)
-
-
-def drop_save_hooks(layer):
-    """Restores Keras' own saving on `layer` (after its adapters were merged)."""
-    for name in ("save_own_variables", "load_own_variables"):
-        if name in vars(layer):
-            delattr(layer, name)
-
-
-def _save_unmerged(layer, store):
-    for variable in layer.weights:
-        store[variable.name] = variable
-
-
-def _load_unmerged(layer, store):
-    weights = {variable.name: variable for variable in layer.weights}
-    found = sorted(store.keys())
-    if found != sorted(weights):
-        raise ValueError(
-            f"Cannot load the LoRA layer {layer.path!r}: the file holds the weights "
-            f"{found}, the layer has {sorted(weights)}. Files saved by Keras' own LoRA "
-            "(adapters merged into the kernel) load into a model without adapters; "
-            "call `enable_lora` after loading them."
-        )
-    for name, variable in weights.items():
-        value = store[name]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{variable.path!r} has shape {tuple(variable.shape)}, the file "
-                f"holds {tuple(value.shape)}."
-            )
-        variable.assign(value)
 
 
 def save_lora_weights(model, path, finetuning_config):

@@ -6,10 +6,11 @@ import gc
 import keras
 from keras import ops
 
-from keras_openpi.backend.remat import rematerialized_call
-from keras_openpi.backend.remat import row_chunked_call
-from keras_openpi.backend.sequencing import sequenced_call
+from keras_openpi.backend.keras_private import flatten_layers
+from keras_openpi.backend.keras_private import in_shapes_only
+from keras_openpi.backend.keras_private import replace_variable
 from keras_openpi.finetuning.groups import owning_layers
+from keras_openpi.layers.call_levers import CallLeversMixin
 
 QUANTIZABLE = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
@@ -37,31 +38,19 @@ def cast_frozen(model, dtype="bfloat16"):
     }
     for variable in targets.values():
         layer = owners[id(variable)]
-        attributes = [k for k, v in vars(layer).items() if v is variable]
-        if not attributes:
-            raise ValueError(
-                f"Cannot cast {variable.path!r}: {layer.path!r} does not hold it as an attribute."
+
+        def cast_copy(layer=layer, variable=variable):
+            # Initialized from the old value (deferred, like the old one, inside `shapes_only`).
+            return layer.add_weight(
+                shape=variable.shape,
+                initializer=lambda shape, dtype: ops.cast(variable.value, dtype),
+                dtype=dtype,
+                trainable=False,
+                name=variable.name,
             )
-        _replace_variable(layer, attributes, variable, dtype)
+
+        replace_variable(layer, variable, cast_copy)
     return len(targets)
-
-
-def _replace_variable(layer, attributes, variable, dtype):
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    # Initialized from the old value (deferred, like the old one, inside `shapes_only`).
-    replacement = layer.add_weight(
-        shape=variable.shape,
-        initializer=lambda shape, dtype: ops.cast(variable.value, dtype),
-        dtype=dtype,
-        trainable=False,
-        name=variable.name,
-    )
-    layer._untrack_variable(variable)
-    for attribute in attributes:
-        setattr(layer, attribute, replacement)
-    if locked:
-        layer._tracker.lock()
 
 
 def quantization_mode(quantize):
@@ -99,7 +88,7 @@ def quantize_layers(model, layers, quantize="int8"):
     ids = {
         id(sub)
         for layer in layers
-        for sub in layer._flatten_layers(include_self=True)
+        for sub in flatten_layers(layer)
         if isinstance(sub, QUANTIZABLE)
     }
     if ids:
@@ -110,36 +99,68 @@ def quantize_fast(model, mode, config, filters):
     """`model.quantize`, without its cost of one full garbage collection per layer.
 
     Inside `shapes_only()` (weights never allocated) the int8 values are not
-    computed either: only their shapes and dtypes exist, as for every weight.
+    computed either: each layer is quantized with a weight quantizer that
+    gives zeros and unit scales of the right shapes (`ShapesOnlyQuantizer`),
+    then keeps `config` as its quantization config.
     """
-    with frozen_heap(), _shapes_only_quantization():
-        model.quantize(mode, config=config, filters=filters)
+    with frozen_heap():
+        if not in_shapes_only():
+            model.quantize(mode, config=config, filters=filters)
+            return
+        if mode != "int8":
+            raise ValueError(f"Only int8 quantization works inside shapes_only(), got {mode!r}.")
+        layers = [
+            layer for layer in flatten_layers(model, include_self=False)
+            if isinstance(layer, QUANTIZABLE) and filters(layer)
+        ]
+        for layer in layers:
+            shapes_only_config = keras.quantizers.Int8QuantizationConfig(
+                weight_quantizer=ShapesOnlyQuantizer(axis=kernel_reduced_axes(layer)),
+                activation_quantizer=_activation_quantizer(config),
+            )
+            model.quantize(mode, config=shapes_only_config, filters=lambda l, layer=layer: l is layer)
+            layer.quantization_config = config
 
 
-@contextlib.contextmanager
-def _shapes_only_quantization():
-    """In `shapes_only()`, Keras' abs-max quantizer returns zeros of the right shapes, uncomputed."""
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-    from keras.src.quantizers import quantizers
+def _activation_quantizer(config):
+    if config is None:  # Keras' default int8: activations per token
+        return keras.quantizers.AbsMaxQuantizer(axis=-1)
+    return config.activation_quantizer
 
-    scope = get_stateless_scope()
-    if scope is None or scope.initialize_variables:
-        yield
-        return
-    computed = quantizers.abs_max_quantize
 
-    def shapes_only_abs_max_quantize(inputs, axis, value_range=(-127, 127), dtype="int8", *_, **__):
-        shape = tuple(inputs.shape)
-        axes = [a % len(shape) for a in (axis if isinstance(axis, (list, tuple)) else [axis])]
+def kernel_reduced_axes(layer):
+    """The kernel axes Keras' int8 quantization takes each scale over (`AbsMaxQuantizer`'s axis).
+
+    Dense: the input axis 0; Embedding: the width axis -1; EinsumDense: the
+    kernel axes absent from the output. A tied `ReversibleEmbedding` only.
+    """
+    if isinstance(layer, keras.layers.ReversibleEmbedding) and not layer.tie_weights:
+        raise ValueError(
+            f"{layer.path!r}: an untied ReversibleEmbedding cannot be quantized inside shapes_only()."
+        )
+    if isinstance(layer, keras.layers.Embedding):
+        return (-1,)
+    if isinstance(layer, keras.layers.EinsumDense):
+        kernel, output = layer.equation.split(",")[1].split("->")
+        return tuple(i for i, label in enumerate(kernel) if label not in output)
+    return (0,)
+
+
+class ShapesOnlyQuantizer(keras.quantizers.AbsMaxQuantizer):
+    """Abs-max quantization's outputs as shapes and dtypes only: zeros and unit scales.
+
+    For weights that were never allocated (`shapes_only()`): nothing is read
+    or computed, and the layer gets int8 weights and scales of the shapes and
+    dtypes Keras' `AbsMaxQuantizer` would give.
+    """
+
+    def __call__(self, x, axis=None, to_numpy=False):
+        axis = self.axis if axis is None else axis
+        shape = tuple(x.shape)
+        axes = {a % len(shape) for a in (axis if isinstance(axis, (list, tuple)) else [axis])}
         scale_shape = tuple(1 if i in axes else n for i, n in enumerate(shape))
-        scale_dtype = keras.backend.standardize_dtype(inputs.dtype)
-        return ops.zeros(shape, dtype), ops.ones(scale_shape, scale_dtype)
-
-    quantizers.abs_max_quantize = shapes_only_abs_max_quantize
-    try:
-        yield
-    finally:
-        quantizers.abs_max_quantize = computed
+        scale_dtype = keras.backend.standardize_dtype(x.dtype)
+        return ops.zeros(shape, self.output_dtype), ops.ones(scale_shape, scale_dtype)
 
 
 @contextlib.contextmanager
@@ -163,7 +184,7 @@ FEED_FORWARD_CHUNK_ROWS = 4096
 
 
 def set_remat(model, enabled=True, feed_forward_rows=FEED_FORWARD_CHUNK_ROWS):
-    """Rematerializes (`keras.remat`) each of `model.remat_layers()` in training.
+    """Rematerializes each of `model.remat_layers()` in training.
 
     The activations inside a rematerialized layer are recomputed in the
     backward pass instead of being kept: memory per layer drops to its inputs,
@@ -173,13 +194,9 @@ def set_remat(model, enabled=True, feed_forward_rows=FEED_FORWARD_CHUNK_ROWS):
     (`backend.remat.row_chunked_call`; None: in one piece). Outputs and
     gradients are unchanged.
     """
-    _set_call_lever(model, "remat", enabled)
-    if keras.backend.backend() == "jax" and hasattr(model, "row_chunked_layers"):
-        layers = model.row_chunked_layers()
-        for layer in layers:
-            object.__setattr__(layer, "_chunk_rows", feed_forward_rows)
-        chunked = enabled and feed_forward_rows is not None
-        _set_call_lever(model, "row_chunked", chunked, layers)
+    _set_lever(model.remat_layers(), "remat", enabled)
+    row_chunked = model.row_chunked_layers() if hasattr(model, "row_chunked_layers") else []
+    _set_lever(row_chunked, "row_chunked", enabled and feed_forward_rows is not None, feed_forward_rows)
 
 
 def set_sequencing(model, enabled=True):
@@ -188,68 +205,15 @@ def set_sequencing(model, enabled=True):
     On CPU, XLA would otherwise convert every bfloat16 / int8 weight to a
     float32 temporary at the start of the program. Outputs are unchanged.
     """
-    if enabled and keras.backend.backend() != "jax":
-        raise ValueError(
-            f"Layer sequencing is for the JAX backend; this is {keras.backend.backend()!r}."
-        )
-    _set_call_lever(model, "sequenced", enabled)
+    _set_lever(model.remat_layers(), "sequenced", enabled)
 
 
-def _set_call_lever(model, lever, enabled, layers=None):
-    if layers is None:
-        if not hasattr(model, "remat_layers"):
-            raise ValueError(f"{type(model).__name__} declares no `remat_layers()`.")
-        layers = model.remat_layers()
+def _set_lever(layers, lever, enabled, chunk_rows=None):
     for layer in layers:
-        levers = set(vars(layer).get("_call_levers", ()))
-        levers = levers | {lever} if enabled else levers - {lever}
-        object.__setattr__(layer, "_call_levers", frozenset(levers))
-        _install_call(layer, levers)
-
-
-def _install_call(layer, levers):
-    """Sets `layer.call` to its class's call wrapped by the levers (`remat`, `sequenced`, `row_chunked`)."""
-    if "call" in vars(layer):
-        del layer.call
-    call = layer.call
-    sequenced = "sequenced" in levers
-    if "remat" in levers and keras.backend.backend() == "jax":
-        # Sequenced forward only: a conditional inside the differentiated
-        # recomputation would make XLA keep every residual it could fuse away.
-        call = rematerialized_call(layer, call, sequenced=sequenced)
-    elif "remat" in levers:
-        call = _rematerialized(call)
-    elif sequenced:
-        call = sequenced_call(layer, call)
-    if "row_chunked" in levers:
-        call = row_chunked_call(layer, call, vars(layer)["_chunk_rows"])
-    if levers:
-        layer.call = call
-
-
-def _rematerialized(call):
-    def remat_call(*args, **kwargs):
-        # A new function at every call: JAX caches a checkpointed trace per
-        # function, and `call` reads the layer's weights by closure (traced
-        # values that differ from one trace or step to the next). The float
-        # tensors among the arguments go in as positional inputs, the rest
-        # (None, ints, masks) by closure: TensorFlow's graph-mode
-        # `custom_gradient` takes no keywords, no None and no bool inputs.
-        structure = (args, kwargs)
-        leaves = keras.tree.flatten(structure)
-        where = [i for i, leaf in enumerate(leaves) if _is_float_tensor(leaf)]
-
-        def on_tensors(*tensors):
-            rebuilt = list(leaves)
-            for i, tensor in zip(where, tensors):
-                rebuilt[i] = tensor
-            call_args, call_kwargs = keras.tree.pack_sequence_as(structure, rebuilt)
-            return call(*call_args, **call_kwargs)
-
-        return keras.remat(on_tensors)(*(leaves[i] for i in where))
-
-    return remat_call
-
-
-def _is_float_tensor(x):
-    return ops.is_tensor(x) and keras.backend.is_float_dtype(x.dtype)
+        if not isinstance(layer, CallLeversMixin):
+            raise ValueError(
+                f"{layer.path!r} is a {type(layer).__name__}, which takes no memory levers: "
+                "remat_layers() and row_chunked_layers() must be keras_openpi.layers.CallLeversMixin layers."
+            )
+        levers = layer.call_levers | {lever} if enabled else layer.call_levers - {lever}
+        layer.set_call_levers(levers, chunk_rows if chunk_rows is not None else layer.chunk_rows)

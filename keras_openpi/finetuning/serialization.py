@@ -12,6 +12,7 @@ import dataclasses
 
 import keras
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.finetuning.freezing import frozen_record
 from keras_openpi.finetuning.freezing import restore_frozen
 from keras_openpi.finetuning.groups import relative_path
@@ -27,7 +28,8 @@ class FinetuningState:
 
     Args:
         strategy: the name of the last strategy applied, if any.
-        lora: `{target: {"rank": r, "alpha": a}}` of the adapters.
+        lora: `{target: {"rank": r, "alpha": a}}` of the adapters (with
+            `"form": "openpi"` for openpi's form).
         frozen_dtype: the dtype frozen weights are stored in, if cast.
         remat: whether `remat_layers()` are rematerialized.
     """
@@ -40,7 +42,7 @@ class FinetuningState:
 
 def _quantized(model):
     groups = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model, include_self=False):
         mode = getattr(layer, "quantization_mode", None)
         if mode and layer.path:
             config = keras.saving.serialize_keras_object(

@@ -1,6 +1,5 @@
 """What a fine-tuning strategy trains and what training will hold in memory."""
 
-import contextlib
 import math
 import re
 
@@ -89,33 +88,3 @@ def trainable_summary(model, optimizer_slots=2, title=None):
     )
     rows["total"] = total
     return TrainableSummary(rows, title or f"Trainable summary of {model.name!r}")
-
-
-@contextlib.contextmanager
-def shapes_only():
-    """Builds models without allocating their weights (shapes and dtypes only).
-
-    Inside the block, variables are created by Keras as deferred (a
-    `keras.StatelessScope` that does not initialize them); on exit they are
-    dropped from Keras' list of variables awaiting initialization, so they are
-    never allocated. Such a model can be inspected (`trainable_summary`,
-    `count_params`, strategies, LoRA) but not run.
-
-    Example:
-    >>> with shapes_only():
-    ...     model = Pi0()  # full size: 3.2B parameters, no memory
-    ...     model.enable_lora(rank="openpi")
-    >>> model.trainable_summary()["total"]["frozen"]
-    2819996672
-    """
-    from keras.src.backend.common import global_state
-
-    pending = global_state.get_global_attribute(
-        "uninitialized_variables", [], set_to_default=True
-    )
-    start = len(pending)
-    try:
-        with keras.StatelessScope(initialize_variables=False):
-            yield
-    finally:
-        del pending[start:]

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_openpi.layers.lora_dense import LoRAEinsumDense
+
 # openpi's (and Gemma's) mask fill: finite, so that a fully masked query row
 # (a masked camera, padding) gets uniform attention instead of NaN.
 MASK_FILL_VALUE = -2.3819763e38
@@ -95,7 +97,7 @@ class GemmaAttention(keras.layers.Layer):
         )
 
         def einsum_dense(equation, output_shape, name):
-            return keras.layers.EinsumDense(
+            return LoRAEinsumDense(
                 equation,
                 output_shape=output_shape,
                 kernel_initializer="lecun_normal",

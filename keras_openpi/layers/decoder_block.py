@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_openpi.layers.attention import GemmaAttention
 from keras_openpi.layers.attention import joint_attention
+from keras_openpi.layers.call_levers import CallLeversMixin
 from keras_openpi.layers.feed_forward import GatedFeedForward
 from keras_openpi.layers.rms_norm import AdaptiveRMSNorm
 from keras_openpi.layers.rms_norm import RMSNorm
@@ -101,7 +102,7 @@ class DecoderExpert(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class DecoderBlock(keras.layers.Layer):
+class DecoderBlock(CallLeversMixin, keras.layers.Layer):
     """A pre-norm Gemma block over several experts that attend jointly.
 
     Each expert projects its own tokens with its own weights; queries, keys and
@@ -189,6 +190,13 @@ class DecoderBlock(keras.layers.Layer):
         self.built = True
 
     def call(
+        self, xs, positions, attention_mask, conds=None, kv_cache=None, cache_index=None
+    ):
+        return self.run_forward(
+            xs, positions, attention_mask, conds=conds, kv_cache=kv_cache, cache_index=cache_index
+        )
+
+    def forward(
         self, xs, positions, attention_mask, conds=None, kv_cache=None, cache_index=None
     ):
         if len(xs) != len(self.experts):

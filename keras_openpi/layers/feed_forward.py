@@ -3,9 +3,12 @@
 import keras
 from keras import ops
 
+from keras_openpi.layers.call_levers import CallLeversMixin
+from keras_openpi.layers.lora_dense import LoRADense
+
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class GatedFeedForward(keras.layers.Layer):
+class GatedFeedForward(CallLeversMixin, keras.layers.Layer):
     """`down(gelu_tanh(gate(x)) * up(x))`, without biases.
 
     Args:
@@ -26,7 +29,7 @@ class GatedFeedForward(keras.layers.Layer):
         width = input_shape[-1]
 
         def dense(units, name):
-            return keras.layers.Dense(
+            return LoRADense(
                 units,
                 use_bias=False,
                 kernel_initializer="lecun_normal",
@@ -44,6 +47,9 @@ class GatedFeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        return self.run_forward(x)
+
+    def forward(self, x):
         hidden = ops.gelu(self.gate(x), approximate=True) * self.up(x)
         return self.down(hidden)
 

@@ -15,10 +15,11 @@ from keras_openpi.layers.rms_norm import RMSNorm
 class GemmaMixture(keras.layers.Layer):
     """openpi's multi-expert Gemma: a token embedding, decoder blocks, final norms.
 
-    Expert 0 is the language model (it owns the token embedding, tied to the
-    output logits); the other experts (π0's action expert) have their own
-    weights and see the same attention. All experts share depth, heads and
-    head dim; widths and feed-forward widths may differ.
+    Expert 0 is the language model (it owns the token embedding, a
+    `keras.layers.ReversibleEmbedding` tied to the output logits); the other
+    experts (π0's action expert) have their own weights and see the same
+    attention. All experts share depth, heads and head dim; widths and
+    feed-forward widths may differ.
 
     Args:
         experts: list of dicts, one per expert: `name`, `width`, `mlp_dim` and
@@ -62,9 +63,10 @@ class GemmaMixture(keras.layers.Layer):
 
         # === Layers ===
         dtype = self.dtype_policy
-        self.token_embedding = keras.layers.Embedding(
+        self.token_embedding = keras.layers.ReversibleEmbedding(
             vocabulary_size,
             self.expert_configs[0]["width"],
+            tie_weights=True,
             embeddings_initializer=keras.initializers.RandomNormal(stddev=0.01),
             dtype=dtype,
             name="token_embedding",
@@ -103,9 +105,12 @@ class GemmaMixture(keras.layers.Layer):
         return x * ops.cast(math.sqrt(self.expert_configs[0]["width"]), x.dtype)
 
     def decode_logits(self, x):
-        """(B, T, D) -> (B, T, V) float32 logits with the tied token embedding."""
-        table = ops.cast(self.token_embedding.embeddings, x.dtype)
-        return ops.cast(ops.matmul(x, ops.transpose(table)), "float32")
+        """(B, T, D) -> (B, T, V) float32 logits with the tied token embedding.
+
+        The embedding's own reverse call (`ReversibleEmbedding(reverse=True)`),
+        so that an int8-quantized table is descaled as in the forward lookup.
+        """
+        return ops.cast(self.token_embedding(x, reverse=True), "float32")
 
     def init_kv_cache(self, batch_size, length, dtype=None):
         """A preallocated all-zero cache: one `(keys, values)` of (B, S, K, H) per block."""

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_openpi.layers.call_levers import CallLeversMixin
 from keras_openpi.layers.layer_norm import LayerNorm
 
 
@@ -11,7 +12,7 @@ def _gelu_tanh(x):
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class SigLIPBlock(keras.layers.Layer):
+class SigLIPBlock(CallLeversMixin, keras.layers.Layer):
     """Pre-LayerNorm ViT block: `x + attn(ln(x))`, then `x + mlp(ln(x))`.
 
     Args:
@@ -57,6 +58,9 @@ class SigLIPBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        return self.run_forward(x)
+
+    def forward(self, x):
         # The residual stream runs as (B * T, D) rows (only the attention sees
         # (B, T, D)): the same math, but its gradient compiles to fewer and
         # cheaper transposing fusions on CPU (~10% of a π0 training step).

@@ -1,4 +1,7 @@
-"""Checking and normalizing openpi's observation dict before the model sees it."""
+"""Checking and normalizing openpi's observation dict before the model sees it.
+
+The policies compose these in `PaliGemmaPolicy.prepare_observation`.
+"""
 
 from keras import ops
 
@@ -52,30 +55,24 @@ def _check_rank(value, rank, key, expected):
     return shape
 
 
-def prepare_observation(
-    observation, image_keys, image_resolution, action_dim, max_token_len
-):
-    """Validates an observation dict and brings it to the model's fixed shapes.
+def prepare_images(observation, image_keys, image_resolution):
+    """The cameras of an observation, checked and brought to the model's resolution.
 
     Args:
-        observation: `{"image": {key: (B, h, w, 3)}, "image_mask": {key: (B,)},
-            "state": (B, s), "tokenized_prompt": (B, L), "tokenized_prompt_mask": (B, L)}`.
-            Images are float in [-1, 1] or uint8 (mapped to `x / 255 * 2 - 1`);
-            other resolutions are resized with padding; missing masks are true;
-            the state is zero-padded to `action_dim` and the prompt to `max_token_len`.
+        observation: a dict with `image` `{camera: (B, h, w, 3)}` (float in
+            [-1, 1], or uint8 mapped to `x / 255 * 2 - 1`) and optionally
+            `image_mask` `{camera: (B,)}` (missing masks are true). Other
+            resolutions are resized with padding; cameras not in `image_keys`
+            are ignored.
         image_keys: the cameras the model was built for, in order.
         image_resolution: `(height, width)` the model expects.
-        action_dim: the model's state/action width.
-        max_token_len: the model's prompt length.
 
     Returns:
-        dict with `images` (list of (B, H, W, 3) float32), `image_masks` (list
-        of (B,) bool), `state` (B, action_dim) float32, `tokens` (B, L) int32
-        and `token_mask` (B, L) bool.
+        `(images, masks)`: lists of (B, H, W, 3) float32 and (B,) bool, in
+        `image_keys` order.
 
     Raises:
-        ValueError: naming the key and the expected shape, for a missing key,
-            a wrong rank, or a state or prompt longer than the model allows.
+        ValueError: naming the key, for a missing camera or a wrong shape.
     """
     images_in = _require(observation, "image")
     masks_in = observation.get("image_mask") or {}
@@ -98,7 +95,15 @@ def prepare_observation(
         else:
             _check_rank(mask, 1, f"image_mask/{key}", "(B,)")
         masks.append(ops.cast(mask, "bool"))
+    return images, masks
 
+
+def prepare_state(observation, action_dim):
+    """The (B, s) `state` of an observation, zero-padded to (B, action_dim) float32.
+
+    Raises:
+        ValueError: a missing state, a wrong rank, or s > action_dim.
+    """
     state = _require(observation, "state")
     state_shape = _check_rank(state, 2, "state", f"(B, s) with s <= {action_dim}")
     if state_shape[-1] > action_dim:
@@ -106,8 +111,18 @@ def prepare_observation(
             f"'state' must have shape (B, s) with s <= action_dim = {action_dim}, "
             f"got shape {state_shape}."
         )
-    state = pad_last_axis(ops.cast(state, "float32"), action_dim)
+    return pad_last_axis(ops.cast(state, "float32"), action_dim)
 
+
+def prepare_prompt(observation, max_token_len):
+    """`(tokens (B, L) int32, token_mask (B, L) bool)` from `tokenized_prompt` and its mask.
+
+    Both are padded to `max_token_len`; a missing mask is true.
+
+    Raises:
+        ValueError: a missing prompt, a wrong shape, or a prompt longer than
+            `max_token_len`.
+    """
     tokens = _require(observation, "tokenized_prompt")
     token_shape = _check_rank(
         tokens, 2, "tokenized_prompt", f"(B, L) with L <= {max_token_len}"
@@ -127,13 +142,7 @@ def prepare_observation(
         )
     tokens = pad_last_axis(ops.cast(tokens, "int32"), max_token_len)
     token_mask = pad_last_axis(ops.cast(token_mask, "bool"), max_token_len)
-    return {
-        "images": images,
-        "image_masks": masks,
-        "state": state,
-        "tokens": tokens,
-        "token_mask": token_mask,
-    }
+    return tokens, token_mask
 
 
 def pad_last_axis(x, size):

@@ -5,23 +5,18 @@ from keras import ops
 
 from keras_openpi.backend import CompiledProgram
 from keras_openpi.backend.sequencing import layer_sequencing_default
-from keras_openpi.backend.train_step import StepLogsMixin
-from keras_openpi.data.augment import augment_images
-from keras_openpi.finetuning import FinetuningMixin
-from keras_openpi.layers.gemma_mixture import GemmaMixture
 from keras_openpi.layers.masks import make_attention_mask
-from keras_openpi.layers.siglip import SigLIPEncoder
 from keras_openpi.layers.time_embedding import sinusoidal_time_embedding
 from keras_openpi.models.observation import IMAGE_KEYS
 from keras_openpi.models.observation import pad_last_axis
-from keras_openpi.models.observation import prepare_observation
+from keras_openpi.models.observation import prepare_state
+from keras_openpi.models.paligemma_policy import PaliGemmaPolicy
 from keras_openpi.models.variants import PALIGEMMA_VOCABULARY_SIZE
 from keras_openpi.models.variants import resolve_gemma_variant
-from keras_openpi.models.variants import resolve_siglip_variant
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
+class Pi0(PaliGemmaPolicy):
     """π0 / π0.5 vision-language-action policy, numerically identical to openpi.
 
     The prefix (SigLIP tokens of every camera, then the embedded prompt) runs
@@ -48,8 +43,9 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         pi05: build π0.5 (adaRMS time conditioning, no state token).
         image_keys: camera names, in the order their tokens enter the prefix.
         image_resolution: `(height, width)` the encoder takes.
-        seed: seed of the generator that draws noise and time.
-        augment: in training, augment the images as openpi does (`augment_images`).
+        seed: seed of the generator that draws noise and time (the
+            augmentation's is `seed + 1`).
+        augment: in training, augment the images as openpi does (`ImageAugmentation`).
         **kwargs: `keras.Model` arguments, e.g. `dtype="mixed_bfloat16"`, `name`.
 
     Example:
@@ -77,20 +73,6 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         **kwargs,
     ):
         kwargs.setdefault("name", "pi05" if pi05 else "pi0")
-        super().__init__(**kwargs)
-        # === Config ===
-        self.paligemma_variant = paligemma_variant
-        self.action_expert_variant = action_expert_variant
-        self.vision_variant = vision_variant
-        self.vocabulary_size = vocabulary_size
-        self.action_dim = action_dim
-        self.action_horizon = action_horizon
-        self.max_token_len = max_token_len or (200 if pi05 else 48)
-        self.pi05 = pi05
-        self.image_keys = tuple(image_keys)
-        self.image_resolution = tuple(image_resolution)
-        self.seed = seed
-        self.augment = augment
         vlm = resolve_gemma_variant(paligemma_variant)
         expert = resolve_gemma_variant(action_expert_variant)
         for key in ("depth", "num_heads", "num_kv_heads", "head_dim"):
@@ -99,43 +81,39 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
                     f"The VLM and the action expert must share {key!r}: "
                     f"{vlm[key]} != {expert[key]}."
                 )
-        vision = resolve_siglip_variant(vision_variant)
-        self.expert_width = expert["width"]
-
-        # === Layers ===
-        dtype = self.dtype_policy
-        self.vision_encoder = SigLIPEncoder(
-            **vision,
-            image_size=self.image_resolution,
-            output_dim=vlm["width"],
-            dtype=dtype,
-            name="vision_encoder",
-        )
-        self.gemma = GemmaMixture(
-            experts=[
-                {"name": "vlm", "width": vlm["width"], "mlp_dim": vlm["mlp_dim"]},
+        width = expert["width"]
+        super().__init__(
+            paligemma_variant=paligemma_variant,
+            vision_variant=vision_variant,
+            vocabulary_size=vocabulary_size,
+            action_dim=action_dim,
+            action_horizon=action_horizon,
+            max_token_len=max_token_len or (200 if pi05 else 48),
+            image_keys=image_keys,
+            image_resolution=image_resolution,
+            seed=seed,
+            augment=augment,
+            action_experts=[
                 {
                     "name": "action_expert",
-                    "width": expert["width"],
+                    "width": width,
                     "mlp_dim": expert["mlp_dim"],
-                    "adaptive_norm_dim": expert["width"] if pi05 else None,
-                },
+                    "adaptive_norm_dim": width if pi05 else None,
+                }
             ],
-            depth=vlm["depth"],
-            num_query_heads=vlm["num_heads"],
-            num_key_value_heads=vlm["num_kv_heads"],
-            head_dim=vlm["head_dim"],
-            vocabulary_size=vocabulary_size,
-            dtype=dtype,
-            name="gemma",
+            **kwargs,
         )
+        # === Config ===
+        self.action_expert_variant = action_expert_variant
+        self.pi05 = pi05
+        self.expert_width = width
 
+        # === Layers ===
         def dense(units, name):
             return keras.layers.Dense(
-                units, kernel_initializer="lecun_normal", dtype=dtype, name=name
+                units, kernel_initializer="lecun_normal", dtype=self.dtype_policy, name=name
             )
 
-        width = expert["width"]
         self.action_in_proj = dense(width, "action_in_proj")
         self.action_out_proj = dense(action_dim, "action_out_proj")
         if pi05:
@@ -145,17 +123,12 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
             self.state_proj = dense(width, "state_proj")
             self.action_time_mlp_in = dense(width, "action_time_mlp_in")
             self.action_time_mlp_out = dense(width, "action_time_mlp_out")
-        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self._sample_program = CompiledProgram(self, self._sample_actions)
         self.build()
         self.enable_sequencing(layer_sequencing_default())
 
-    def build(self, input_shape=None):
-        if self.built:
-            return
+    def build_heads(self):
         width = self.expert_width
-        self.vision_encoder.build()
-        self.gemma.build()
         self.action_in_proj.build((None, None, self.action_dim))
         self.action_out_proj.build((None, None, width))
         if self.pi05:
@@ -165,64 +138,31 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
             self.state_proj.build((None, self.action_dim))
             self.action_time_mlp_in.build((None, None, 2 * width))
             self.action_time_mlp_out.build((None, None, width))
-        self.built = True
+
+    @property
+    def model_type(self):
+        return "pi05" if self.pi05 else "pi0"
 
     # === Observation ===
 
-    def prepare_observation(self, observation):
-        """Validates `observation` and brings it to the model's shapes (see `prepare_observation`)."""
-        return prepare_observation(
-            observation,
-            self.image_keys,
-            self.image_resolution,
-            self.action_dim,
-            self.max_token_len,
-        )
+    def prepare_extras(self, observation, prompt_shape, for_loss):
+        """`state` (B, action_dim) float32, zero-padded."""
+        return {"state": prepare_state(observation, self.action_dim)}
 
     def dummy_observation(self, batch_size=1):
         """An all-zero observation with the model's shapes (for tracing, tests and warm-up)."""
-        height, width = self.image_resolution
         return {
-            "image": {
-                k: ops.zeros((batch_size, height, width, 3)) for k in self.image_keys
-            },
-            "image_mask": {k: ops.ones((batch_size,), "bool") for k in self.image_keys},
+            **super().dummy_observation(batch_size),
             "state": ops.zeros((batch_size, self.action_dim)),
-            "tokenized_prompt": ops.zeros((batch_size, self.max_token_len), "int32"),
-            "tokenized_prompt_mask": ops.ones((batch_size, self.max_token_len), "bool"),
         }
 
     # === Prefix and suffix ===
-
-    def embed_prefix(self, obs):
-        """Image tokens of every camera, then the prompt tokens.
-
-        Args:
-            obs: a prepared observation (see `prepare_observation`).
-
-        Returns:
-            `(tokens (B, P, D), input_mask (B, P) bool, ar_mask (P,) bool)`;
-            the prefix attends to itself bidirectionally (ar all false).
-        """
-        tokens, masks = [], []
-        for image, image_mask in zip(obs["images"], obs["image_masks"]):
-            image_tokens = self.vision_encoder(image)
-            tokens.append(image_tokens)
-            masks.append(
-                ops.broadcast_to(image_mask[:, None], ops.shape(image_tokens)[:2])
-            )
-        tokens.append(self.gemma.embed_tokens(obs["tokens"]))
-        masks.append(obs["token_mask"])
-        tokens = [ops.cast(t, self.compute_dtype) for t in tokens]
-        tokens = ops.concatenate(tokens, axis=1)
-        input_mask = ops.concatenate(masks, axis=1)
-        return tokens, input_mask, ops.zeros((tokens.shape[1],), "bool")
 
     def embed_suffix(self, obs, noisy_actions, time):
         """The action-expert tokens for noisy actions `x_t` at flow time `t`.
 
         Returns:
-            `(tokens (B, S, D_e), input_mask (B, S), ar_mask (S,), adarms_cond)`
+            `(tokens (B, S, D_e), input_mask (B, S), ar_mask (B, S), adarms_cond)`
             with `adarms_cond` (B, D_e) for π0.5 and None for π0. π0's suffix is
             a state token (its own causal block) then the H action tokens (one
             block); π0.5's is the H action tokens only.
@@ -245,7 +185,8 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
             adarms_cond = None
             ar = [True, True] + [False] * (horizon - 1)
         input_mask = ops.ones(ops.shape(tokens)[:2], "bool")
-        return tokens, input_mask, ops.array(ar, "bool"), adarms_cond
+        ar_mask = ops.broadcast_to(ops.array(ar, "bool")[None, :], ops.shape(input_mask))
+        return tokens, input_mask, ar_mask, adarms_cond
 
     # === Flow matching ===
 
@@ -256,7 +197,7 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
             obs, noisy_actions, time
         )
         input_mask = ops.concatenate([prefix_mask, suffix_mask], axis=1)
-        ar_mask = ops.concatenate([prefix_ar, suffix_ar], axis=0)
+        ar_mask = ops.concatenate([prefix_ar, suffix_ar], axis=1)
         attention_mask = make_attention_mask(input_mask, ar_mask)
         positions = ops.cumsum(ops.cast(input_mask, "int32"), axis=1) - 1
         (_, suffix_out), _ = self.gemma(
@@ -271,6 +212,15 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         if len(shape) != 3 or shape[1] != self.action_horizon or shape[2] > self.action_dim:
             raise ValueError(f"{name!r} must have shape {expected}, got shape {shape}.")
         return pad_last_axis(ops.cast(actions, "float32"), self.action_dim)
+
+    def unreduced_loss(self, observation, actions=None, training=False):
+        """openpi's `compute_loss`: the flow-matching loss (B, H), noise and time drawn."""
+        if actions is None:
+            raise ValueError(
+                f"{type(self).__name__} trains on (observation, actions) pairs; the dataset "
+                "gave no actions."
+            )
+        return self.flow_matching_loss(observation, actions, training=training)
 
     def flow_matching_loss(self, observation, actions, noise=None, time=None, training=False):
         """openpi's `compute_loss`: per-(batch, step) squared velocity error.
@@ -288,10 +238,7 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         Returns:
             (B, H) float32 loss.
         """
-        obs = self.prepare_observation(observation)
-        if training and self.augment:
-            images = augment_images(dict(zip(self.image_keys, obs["images"])), self.seed_generator)
-            obs = {**obs, "images": [images[k] for k in self.image_keys]}
+        obs = self.prepare_observation(observation, training=training)
         actions = self._check_actions(actions)
         batch = ops.shape(actions)[0]
         if noise is None:
@@ -374,42 +321,17 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         )
         return x_0
 
-    # === Fine-tuning groups (see FinetuningMixin) ===
+    # === Fine-tuning declarations (see PaliGemmaPolicy) ===
 
-    def finetuning_groups(self):
-        """The layers of each fine-tuning group and the linear maps LoRA adapts."""
-        blocks = self.gemma.decoder_blocks
-
-        def expert(index, extra_layers=()):
-            experts = [block.experts[index] for block in blocks]
-            lora = []
-            for e in experts:
-                attention, ffw = e.attention, e.feed_forward
-                lora += [attention.query, attention.key, attention.value]
-                lora += [attention.output_projection, ffw.gate, ffw.up, ffw.down]
-            layers = [*extra_layers, *experts, self.gemma.final_norms[index]]
-            return {"layers": layers, "lora": lora}
-
+    def projection_layers(self):
+        """The action projections and π0's state / action-time MLP or π0.5's time MLP."""
         if self.pi05:
             projections = [self.time_mlp_in, self.time_mlp_out]
         else:
             projections = [self.state_proj, self.action_time_mlp_in, self.action_time_mlp_out]
-        return {
-            "vision": {"layers": [self.vision_encoder]},
-            "vlm": expert(0, [self.gemma.token_embedding]),
-            "action_expert": expert(1),
-            "projections": {"layers": [self.action_in_proj, self.action_out_proj, *projections]},
-        }
+        return [self.action_in_proj, self.action_out_proj, *projections]
 
-    def remat_layers(self):
-        """Rematerialized by `enable_remat`: the Gemma decoder blocks and SigLIP blocks."""
-        return [*self.gemma.decoder_blocks, *self.vision_encoder.blocks]
-
-    def row_chunked_layers(self):
-        """Computed in chunks of rows under remat (JAX): every expert's feed-forward."""
-        return [e.feed_forward for block in self.gemma.decoder_blocks for e in block.experts]
-
-    # === Keras training API ===
+    # === Keras API ===
 
     def call(self, observation, training=None):
         """The policy: sampled actions (B, H, action_dim) for an observation.
@@ -419,41 +341,12 @@ class Pi0(FinetuningMixin, StepLogsMixin, keras.Model):
         that no sampling work is wasted inside the training step.
         """
         if training:
-            obs = self.prepare_observation(observation)
+            obs = self._prepare(observation, for_loss=True, augment=False)
             batch = ops.shape(obs["state"])[0]
             return ops.zeros((batch, self.action_horizon, self.action_dim))
         return self.sample_actions(observation)
 
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        """Mean flow-matching loss of the batch `(observation, actions)`."""
-        if y is None:
-            raise ValueError(
-                "Pi0 trains on (observation, actions) pairs; the dataset gave no actions."
-            )
-        loss = self.flow_matching_loss(x, y, training=training)
-        if sample_weight is not None:
-            weight = ops.reshape(ops.cast(sample_weight, loss.dtype), (-1, 1))
-            loss = loss * weight
-        return ops.mean(loss) + ops.cast(sum(self.losses), "float32")
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "paligemma_variant": self.paligemma_variant,
-                "action_expert_variant": self.action_expert_variant,
-                "vision_variant": self.vision_variant,
-                "vocabulary_size": self.vocabulary_size,
-                "action_dim": self.action_dim,
-                "action_horizon": self.action_horizon,
-                "max_token_len": self.max_token_len,
-                "pi05": self.pi05,
-                "image_keys": list(self.image_keys),
-                "image_resolution": list(self.image_resolution),
-                "seed": self.seed,
-                "augment": self.augment,
-            }
-        )
+        config.update({"action_expert_variant": self.action_expert_variant, "pi05": self.pi05})
         return config

@@ -5,29 +5,23 @@ import numpy as np
 from keras import ops
 
 from keras_openpi.backend import CompiledProgram
-from keras_openpi.backend.sequencing import layer_sequencing_default
 from keras_openpi.backend.sampling import sample_categorical
 from keras_openpi.backend.sampling import step_seed
-from keras_openpi.backend.train_step import StepLogsMixin
-from keras_openpi.data.augment import augment_images
-from keras_openpi.finetuning import FinetuningMixin
-from keras_openpi.layers.gemma_mixture import GemmaMixture
+from keras_openpi.backend.sequencing import layer_sequencing_default
 from keras_openpi.layers.masks import make_attention_mask
-from keras_openpi.layers.siglip import SigLIPEncoder
 from keras_openpi.models.fast_decoding import decode_step_mask
 from keras_openpi.models.fast_decoding import left_to_right_align
 from keras_openpi.models.observation import pad_last_axis
-from keras_openpi.models.observation import prepare_observation
+from keras_openpi.models.paligemma_policy import PaliGemmaPolicy
 from keras_openpi.models.variants import PALIGEMMA_VOCABULARY_SIZE
-from keras_openpi.models.variants import resolve_gemma_variant
-from keras_openpi.models.variants import resolve_siglip_variant
+from keras_openpi.tokenizers.fast_prompt_layer import FASTPromptTokenizerLayer
 
 FAST_IMAGE_KEYS = ("base_0_rgb", "base_1_rgb", "wrist_0_rgb")
 PALIGEMMA_EOS_TOKEN = 1
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
-class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
+class Pi0Fast(PaliGemmaPolicy):
     """π0-FAST vision-language-action policy, numerically identical to openpi.
 
     One PaliGemma (SigLIP + Gemma) reads the image tokens of every camera and
@@ -36,7 +30,9 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
     `Action: <FAST tokens>|<eos>` (causal). Attention is prefix-LM, built
     from the token AR mask. Training is next-token cross-entropy on the
     postfix (`token_loss`); inference decodes tokens greedily or by sampling
-    (`generate`) and turns them into an action chunk (`sample_actions`).
+    (`generate`) and turns them into an action chunk (`sample_actions`)
+    with the `FASTPromptTokenizer` the model carries (`tokenizer`; saved
+    with the model in `.keras` files, see `FASTPromptTokenizerLayer`).
 
     The weights have the paths of π0's VLM expert
     (`pi0_fast/gemma/decoder_block_0/vlm/attention/query/kernel`,
@@ -59,8 +55,12 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
             its π0-FAST configs: `base_0_rgb`, `base_1_rgb`, `wrist_0_rgb`).
         image_resolution: `(height, width)` the encoder takes.
         eos_token_id: the id that ends a generated sequence (PaliGemma: 1).
-        seed: seed of the generator for augmentation and sampling.
-        augment: in training, augment the images as openpi does (`augment_images`).
+        seed: seed of the sampling generator (the augmentation's is `seed + 1`).
+        augment: in training, augment the images as openpi does (`ImageAugmentation`).
+        tokenizer: the `FASTPromptTokenizer` the model is trained with (its
+            `max_len` must be `max_token_len`), which `sample_actions` decodes
+            with; None to set it later (`set_tokenizer`). In a config: the
+            serialized `FASTPromptTokenizerLayer` (files in the `.keras` assets).
         **kwargs: `keras.Model` arguments, e.g. `dtype="mixed_bfloat16"`, `name`.
 
     Example:
@@ -87,150 +87,80 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         eos_token_id=PALIGEMMA_EOS_TOKEN,
         seed=None,
         augment=False,
+        tokenizer=None,
         **kwargs,
     ):
         kwargs.setdefault("name", "pi0_fast")
-        super().__init__(**kwargs)
+        super().__init__(
+            paligemma_variant=paligemma_variant,
+            vision_variant=vision_variant,
+            vocabulary_size=vocabulary_size,
+            action_dim=action_dim,
+            action_horizon=action_horizon,
+            max_token_len=max_token_len,
+            image_keys=image_keys,
+            image_resolution=image_resolution,
+            seed=seed,
+            augment=augment,
+            **kwargs,
+        )
         # === Config ===
-        self.paligemma_variant = paligemma_variant
-        self.vision_variant = vision_variant
-        self.vocabulary_size = vocabulary_size
-        self.action_dim = action_dim
-        self.action_horizon = action_horizon
-        self.max_token_len = max_token_len
-        self.image_keys = tuple(image_keys)
-        self.image_resolution = tuple(image_resolution)
         self.eos_token_id = eos_token_id
-        self.seed = seed
-        self.augment = augment
-        vlm = resolve_gemma_variant(paligemma_variant)
-        vision = resolve_siglip_variant(vision_variant)
 
         # === Layers ===
-        dtype = self.dtype_policy
-        self.vision_encoder = SigLIPEncoder(
-            **vision,
-            image_size=self.image_resolution,
-            output_dim=vlm["width"],
-            dtype=dtype,
-            name="vision_encoder",
-        )
-        self.gemma = GemmaMixture(
-            experts=[{"name": "vlm", "width": vlm["width"], "mlp_dim": vlm["mlp_dim"]}],
-            depth=vlm["depth"],
-            num_query_heads=vlm["num_heads"],
-            num_key_value_heads=vlm["num_kv_heads"],
-            head_dim=vlm["head_dim"],
-            vocabulary_size=vocabulary_size,
-            dtype=dtype,
-            name="gemma",
-        )
-        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        if isinstance(tokenizer, dict):
+            tokenizer = keras.saving.deserialize_keras_object(tokenizer)
+        if not isinstance(tokenizer, FASTPromptTokenizerLayer):
+            tokenizer = FASTPromptTokenizerLayer(
+                tokenizer, max_len=max_token_len, name="tokenizer"
+            )
+        self.tokenizer = tokenizer
         self._generate_program = CompiledProgram(self, self._generate)
         self.build()
         self.enable_sequencing(layer_sequencing_default())
 
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        self.vision_encoder.build()
-        self.gemma.build()
-        self.built = True
+    model_type = "pi0_fast"
+
+    def set_tokenizer(self, tokenizer):
+        """Carries `tokenizer` (a `FASTPromptTokenizer` with `max_len == max_token_len`) from now on."""
+        self.tokenizer.set_tokenizer(tokenizer)
 
     # === Observation ===
 
-    def prepare_observation(self, observation, training=False):
-        """Validates `observation` and brings it to the model's shapes.
+    def prepare_extras(self, observation, prompt_shape, for_loss):
+        """`token_ar_mask` (B, L) int32 and `token_loss_mask` (B, L) bool, padded.
 
-        Images, masks and the prompt are checked as for π0
-        (`keras_openpi.models.observation.prepare_observation`); `state` is
-        not used (π0-FAST reads the discretized state from the prompt tokens).
-        Cameras the model was not built for are ignored.
-
-        Args:
-            observation: `{"image", "image_mask", "tokenized_prompt",
-                "tokenized_prompt_mask", "token_ar_mask", "token_loss_mask"}`;
-                the AR mask (B, L) int (0 bidirectional prefix, 1 causal
-                postfix) defaults to zeros; the loss mask (B, L) bool is needed
-                in training.
-            training: require `token_ar_mask` and `token_loss_mask`.
-
-        Returns:
-            dict with `images`, `image_masks`, `tokens` (B, L) int32,
-            `token_mask` (B, L) bool, `token_ar_mask` (B, L) int32 and
-            `token_loss_mask` (B, L) bool (False when not given), all padded
-            to `max_token_len`.
+        The AR mask (0 bidirectional prefix, 1 causal postfix) defaults to
+        zeros and the loss mask to false; both are required `for_loss`.
+        `state` is not read: π0-FAST reads the discretized state in the prompt.
         """
-        prompt = observation.get("tokenized_prompt") if isinstance(observation, dict) else None
-        shape = tuple(getattr(prompt, "shape", ()))
-        batch = shape[0] if shape else 0
-        placeholder_state = np.zeros((batch, 0), "float32")
-        obs = prepare_observation(
-            {**observation, "state": placeholder_state}
-            if isinstance(observation, dict)
-            else observation,
-            self.image_keys,
-            self.image_resolution,
-            0,
-            self.max_token_len,
-        )
-        del obs["state"]
+        extras = {}
         for key, dtype in (("token_ar_mask", "int32"), ("token_loss_mask", "bool")):
             value = observation.get(key)
             if value is None:
-                if training:
+                if for_loss:
                     raise ValueError(
                         f"observation is missing the key {key!r}, which π0-FAST's token loss "
                         f"needs ((B, L) like 'tokenized_prompt'; FASTPromptTokenizer.tokenize "
                         f"gives it); it has {sorted(observation)}."
                     )
-                value = ops.zeros(shape, dtype)
-            elif tuple(value.shape) != shape:
+                value = ops.zeros(prompt_shape, dtype)
+            elif tuple(value.shape) != prompt_shape:
                 raise ValueError(
-                    f"{key!r} must have the shape of 'tokenized_prompt' {shape}, got shape "
-                    f"{tuple(value.shape)}."
+                    f"{key!r} must have the shape of 'tokenized_prompt' {prompt_shape}, "
+                    f"got shape {tuple(value.shape)}."
                 )
-            obs[key] = pad_last_axis(ops.cast(value, dtype), self.max_token_len)
-        return obs
+            extras[key] = pad_last_axis(ops.cast(value, dtype), self.max_token_len)
+        return extras
 
     def dummy_observation(self, batch_size=1):
         """An all-zero observation with the model's shapes (for tracing, tests and warm-up)."""
-        height, width = self.image_resolution
         length = self.max_token_len
         return {
-            "image": {k: ops.zeros((batch_size, height, width, 3)) for k in self.image_keys},
-            "image_mask": {k: ops.ones((batch_size,), "bool") for k in self.image_keys},
-            "tokenized_prompt": ops.zeros((batch_size, length), "int32"),
-            "tokenized_prompt_mask": ops.ones((batch_size, length), "bool"),
+            **super().dummy_observation(batch_size),
             "token_ar_mask": ops.zeros((batch_size, length), "int32"),
             "token_loss_mask": ops.ones((batch_size, length), "bool"),
         }
-
-    def embed_inputs(self, obs):
-        """Image tokens of every camera (AR 0), then the text tokens with their AR mask.
-
-        Args:
-            obs: a prepared observation (see `prepare_observation`).
-
-        Returns:
-            `(tokens (B, P, D), input_mask (B, P) bool, ar_mask (B, P) int32)`.
-        """
-        tokens, masks, ars = [], [], []
-        for image, image_mask in zip(obs["images"], obs["image_masks"]):
-            image_tokens = self.vision_encoder(image)
-            shape = ops.shape(image_tokens)[:2]
-            tokens.append(image_tokens)
-            masks.append(ops.broadcast_to(image_mask[:, None], shape))
-            ars.append(ops.zeros(shape, "int32"))
-        tokens.append(self.gemma.embed_tokens(obs["tokens"]))
-        masks.append(obs["token_mask"])
-        ars.append(obs["token_ar_mask"])
-        tokens = [ops.cast(t, self.compute_dtype) for t in tokens]
-        return (
-            ops.concatenate(tokens, axis=1),
-            ops.concatenate(masks, axis=1),
-            ops.concatenate(ars, axis=1),
-        )
 
     # === Training ===
 
@@ -251,11 +181,8 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         Returns:
             (B,) float32 loss.
         """
-        obs = self.prepare_observation(observation, training=True)
-        if training and self.augment:
-            images = augment_images(dict(zip(self.image_keys, obs["images"])), self.seed_generator)
-            obs = {**obs, "images": [images[k] for k in self.image_keys]}
-        embeddings, input_mask, ar_mask = self.embed_inputs(obs)
+        obs = self._prepare(observation, for_loss=True, augment=training)
+        embeddings, input_mask, ar_mask = self.embed_prefix(obs)
         attention = make_attention_mask(input_mask, ar_mask)
         length = embeddings.shape[1]
         positions = ops.broadcast_to(
@@ -271,23 +198,20 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         total = ops.sum(target_log_probs * loss_mask, axis=-1)
         return -total / ops.maximum(ops.sum(loss_mask, axis=-1), 1.0)
 
+    def unreduced_loss(self, observation, actions=None, training=False):
+        """openpi's `compute_loss`: `token_loss` (B,); the actions are in the tokens, `actions` is unused."""
+        return self.token_loss(observation, training=training)
+
     def call(self, observation, training=None):
-        """The policy's raw output: `generate`d token ids (B, 256).
+        """The policy's raw output: `generate`d token ids (B, 256); `sample_actions` decodes them.
 
         During `fit` the loss is computed in `compute_loss`; there `call`
         only validates the batch and returns zeros (B,).
         """
         if training:
-            obs = self.prepare_observation(observation, training=True)
+            obs = self._prepare(observation, for_loss=True, augment=False)
             return ops.zeros((ops.shape(obs["tokens"])[0],))
         return self.generate(observation)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Mean `token_loss` of the batch; the actions are in the tokens, so `y` is ignored."""
-        loss = self.token_loss(x, training=training)
-        if sample_weight is not None:
-            loss = loss * ops.reshape(ops.cast(sample_weight, loss.dtype), (-1,))
-        return ops.mean(loss) + ops.cast(sum(self.losses), "float32")
 
     # === Inference ===
 
@@ -344,7 +268,7 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         return (tokens, logits) if return_logits else tokens
 
     def _generate(self, obs, temperature, seed, steps, sample, return_logits):
-        embeddings, input_mask, ar_mask = self.embed_inputs(obs)
+        embeddings, input_mask, ar_mask = self.embed_prefix(obs)
         attention = make_attention_mask(input_mask, ar_mask)
         embeddings, input_mask, attention = left_to_right_align(embeddings, input_mask, attention)
         batch, prefill_size = input_mask.shape
@@ -403,26 +327,28 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         )
         return tokens, all_logits if return_logits else None
 
-    def sample_actions(self, observation, tokenizer, max_decoding_steps=256, temperature=0.0):
-        """Generates tokens and decodes each sequence into an action chunk.
+    def sample_actions(self, observation, max_decoding_steps=256, temperature=0.0):
+        """Generates tokens and decodes each sequence into an action chunk (openpi's `ExtractFASTActions`).
+
+        The carried tokenizer (`tokenizer`) decodes the text between
+        `"Action: "` and `"|"` of each generated sequence; a sequence without a
+        valid chunk gives zeros (and a logged warning), as in openpi. The
+        decoding runs on the host (SentencePiece and BPE), after the compiled
+        `generate`.
 
         Args:
             observation: an observation dict with a prefix-only prompt.
-            tokenizer: the `FASTPromptTokenizer` the model was trained with;
-                its `extract_actions` decodes the text between `"Action: "`
-                and `"|"` (zeros where a sequence holds no valid chunk).
             max_decoding_steps: the most tokens to decode.
             temperature: 0 for greedy decoding.
 
         Returns:
-            (B, action_horizon, action_dim) float32 numpy array of normalized actions.
+            (B, action_horizon, action_dim) float32 tensor of normalized actions.
+
+        Raises:
+            ValueError: the model carries no tokenizer.
         """
-        if not callable(getattr(tokenizer, "extract_actions", None)):
-            raise ValueError(
-                "'tokenizer' must be a FASTPromptTokenizer (with extract_actions), got "
-                f"{type(tokenizer).__name__}."
-            )
-        tokens = np.asarray(
+        tokenizer = self.tokenizer.require_tokenizer()
+        tokens = ops.convert_to_numpy(
             self.generate(
                 observation, max_decoding_steps=max_decoding_steps, temperature=temperature
             )
@@ -430,56 +356,14 @@ class Pi0Fast(FinetuningMixin, StepLogsMixin, keras.Model):
         chunks = [
             tokenizer.extract_actions(row, self.action_horizon, self.action_dim) for row in tokens
         ]
-        return np.stack(chunks).astype(np.float32)
-
-    # === Fine-tuning groups (see FinetuningMixin) ===
-
-    def finetuning_groups(self):
-        """`vision` (SigLIP) and `vlm` (the Gemma with its token embedding; LoRA on its linear maps)."""
-        experts = [block.experts[0] for block in self.gemma.decoder_blocks]
-        lora = []
-        for expert in experts:
-            attention, ffw = expert.attention, expert.feed_forward
-            lora += [attention.query, attention.key, attention.value]
-            lora += [attention.output_projection, ffw.gate, ffw.up, ffw.down]
-        layers = [self.gemma.token_embedding, *experts, self.gemma.final_norms[0]]
-        return {
-            "vision": {"layers": [self.vision_encoder]},
-            "vlm": {"layers": layers, "lora": lora},
-        }
-
-    def enable_lora(self, rank=16, alpha=None, targets=("vlm",), freeze_vision=False):
-        """LoRA on the Gemma (openpi's `gemma_2b_lora`: rank 16, or `rank="openpi"`).
-
-        The Gemma's other weights, token embedding included, freeze; SigLIP
-        keeps training unless `freeze_vision` (openpi's π0-FAST freeze filter).
-        See `FinetuningMixin.enable_lora`.
-        """
-        return super().enable_lora(rank, alpha, targets, freeze_vision)
-
-    def remat_layers(self):
-        """Rematerialized by `enable_remat`: the Gemma decoder blocks and SigLIP blocks."""
-        return [*self.gemma.decoder_blocks, *self.vision_encoder.blocks]
-
-    def row_chunked_layers(self):
-        """Computed in chunks of rows under remat (JAX): every expert's feed-forward."""
-        return [e.feed_forward for block in self.gemma.decoder_blocks for e in block.experts]
+        return ops.convert_to_tensor(np.stack(chunks).astype(np.float32))
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "paligemma_variant": self.paligemma_variant,
-                "vision_variant": self.vision_variant,
-                "vocabulary_size": self.vocabulary_size,
-                "action_dim": self.action_dim,
-                "action_horizon": self.action_horizon,
-                "max_token_len": self.max_token_len,
-                "image_keys": list(self.image_keys),
-                "image_resolution": list(self.image_resolution),
                 "eos_token_id": self.eos_token_id,
-                "seed": self.seed,
-                "augment": self.augment,
+                "tokenizer": keras.saving.serialize_keras_object(self.tokenizer),
             }
         )
         return config

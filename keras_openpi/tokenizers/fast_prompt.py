@@ -1,6 +1,7 @@
 """π0-FAST's token sequence: prompt and state as text, then FAST action tokens."""
 
 import logging
+import pathlib
 
 import numpy as np
 
@@ -12,6 +13,9 @@ logger = logging.getLogger(__name__)
 
 ACTION_PREFIX = "Action: "
 ACTION_END = "|"
+# The files of `FASTPromptTokenizer.save`.
+SENTENCEPIECE_FILE = "paligemma_tokenizer.model"
+FAST_DIRECTORY = "fast"
 
 
 class FASTPromptTokenizer:
@@ -35,7 +39,7 @@ class FASTPromptTokenizer:
 
     Args:
         model_path: the PaliGemma SentencePiece `.model` file (nothing is
-            downloaded; see `PaligemmaTokenizer`).
+            downloaded; see `PaliGemmaTokenizer`).
         fast_tokenizer: a fitted `FASTTokenizer`, or the directory of one
             (e.g. a local copy of `physical-intelligence/fast`).
         max_len: the token length L (π0-FAST's `max_token_len`; openpi's
@@ -67,6 +71,22 @@ class FASTPromptTokenizer:
     @property
     def _processor(self):
         return self._sentencepiece.processor
+
+    # === Files ===
+
+    def save(self, directory):
+        """Writes the SentencePiece model (`paligemma_tokenizer.model`) and the FAST tokenizer (`fast/`)."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._sentencepiece.save(directory / SENTENCEPIECE_FILE)
+        self.fast_tokenizer.save(directory / FAST_DIRECTORY)
+        return directory
+
+    @classmethod
+    def load(cls, directory, max_len=250, skip_tokens=128):
+        """Reads a directory written by `save`; `max_len` and `skip_tokens` as in the constructor."""
+        directory = pathlib.Path(directory)
+        return cls(directory / SENTENCEPIECE_FILE, directory / FAST_DIRECTORY, max_len, skip_tokens)
 
     def _check_action_range(self):
         """The mapped action ids must stay inside the vocabulary, above the special ids."""

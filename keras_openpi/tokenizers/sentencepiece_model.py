@@ -25,10 +25,19 @@ class SentencePieceModel:
         self._proto = path.read_bytes()
         self._load()
 
+    @property
+    def proto(self):
+        """The serialized model (the bytes of the `.model` file)."""
+        return self._proto
+
     def _load(self):
         import sentencepiece
 
         self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
+
+    def save(self, path):
+        """Writes the model's bytes to `path` (a `.model` file)."""
+        pathlib.Path(path).write_bytes(self._proto)
 
     def __getstate__(self):
         return {"path": self.path, "proto": self._proto}

@@ -73,7 +73,7 @@ def model_settings(config):
 def make_tokenizer(config, settings):
     """The prompt tokenizer: `byte`, or the PaliGemma SentencePiece file `config.tokenizer`."""
     from keras_openpi.tokenizers import ByteTokenizer
-    from keras_openpi.tokenizers import PaligemmaTokenizer
+    from keras_openpi.tokenizers import PaliGemmaTokenizer
 
     if config.tokenizer is None:
         raise ValueError(
@@ -82,7 +82,7 @@ def make_tokenizer(config, settings):
         )
     if config.tokenizer == "byte":
         return ByteTokenizer(settings["max_token_len"])
-    return PaligemmaTokenizer(config.tokenizer, max_len=settings["max_token_len"])
+    return PaliGemmaTokenizer(config.tokenizer, max_len=settings["max_token_len"])
 
 
 class Trainer:

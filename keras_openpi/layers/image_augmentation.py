@@ -18,6 +18,10 @@ Random parameters are drawn per example. As in openpi, all non-wrist cameras
 of an example share one draw and all wrist cameras another (openpi hands every
 camera the same per-example key). Everything is `keras.ops`, so it runs inside
 a compiled train step; results are deterministic given the seed.
+
+`ImageAugmentation` is the layer the policies hold (with its own seed
+generator, advanced once per training call); `augment_images` the function
+it applies, for a given seed.
 """
 
 import math
@@ -233,3 +237,65 @@ def augment_images(
         x = color_jitter(x, params, brightness, contrast, saturation, hue, jitter_probability)
         out[key] = x * 2.0 - 1.0
     return out
+
+
+@keras.saving.register_keras_serializable(package="keras_openpi")
+class ImageAugmentation(keras.layers.Layer):
+    """openpi's training-time augmentation of every camera, with its own seed generator.
+
+    In training (`training=True`) it applies `augment_images` with a seed
+    drawn from its generator (which advances once per call, also inside a
+    compiled train step, and is saved with the model); otherwise it returns
+    the images unchanged.
+
+    Args:
+        seed: the generator's seed (None: a random one).
+        crop_scale, max_rotation_degrees, brightness, contrast, saturation,
+            hue, jitter_probability: see `augment_images`.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        images: `{camera: (B, H, W, 3) float32 in [-1, 1]}`.
+        training: augment only when true.
+
+    Example:
+    >>> augmentation = ImageAugmentation(seed=0)
+    >>> images = {"base_0_rgb": keras.ops.zeros((2, 32, 32, 3))}
+    >>> tuple(augmentation(images, training=True)["base_0_rgb"].shape)
+    (2, 32, 32, 3)
+    """
+
+    def __init__(
+        self,
+        seed=None,
+        crop_scale=0.95,
+        max_rotation_degrees=5.0,
+        brightness=0.3,
+        contrast=0.4,
+        saturation=0.0,
+        hue=0.1,
+        jitter_probability=0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.options = dict(
+            crop_scale=crop_scale,
+            max_rotation_degrees=max_rotation_degrees,
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            jitter_probability=jitter_probability,
+        )
+        # Named after the layer: variable paths (checkpoint keys) must not repeat the model's own.
+        self.seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}_seed_generator")
+        self.built = True
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        return augment_images(images, self.seed_generator, **self.options)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed, **self.options}
