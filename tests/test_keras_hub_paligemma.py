@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_openpi.convert import load_paligemma_weights
+from keras_openpi.convert import pi0_config_from_paligemma
 from keras_openpi.convert import pi0_from_openpi
-from keras_openpi.convert.paligemma import load_paligemma_weights
-from keras_openpi.convert.paligemma import pi0_config_from_paligemma
-from keras_openpi.convert.paligemma import pi0_from_paligemma
+from keras_openpi.convert.paligemma import language_weight_pairs
 from keras_openpi.convert.paligemma import vision_weight_pairs
 from keras_openpi.layers.masks import make_attention_mask
 from keras_openpi.layers.siglip import SigLIPEncoder
@@ -210,10 +210,12 @@ def test_pi0_prefix_hidden_states_equal_paligemmas(backbone, inputs):
     assert len(changed) == 2 + 2 * 9 + (7 + 2 * 16)
 
 
-def test_pi0_from_paligemma_builds_pi05(backbone, inputs):
+def test_pi0_from_paligemma_builds_pi05_from_a_preset(backbone, inputs, tmp_path):
+    """`Pi0.from_paligemma` reads a PaliGemma preset through keras-hub's loader."""
     images, tokens, mask = inputs
-    model = pi0_from_paligemma(
-        backbone,
+    backbone.save_to_preset(str(tmp_path / "paligemma"))
+    model = Pi0.from_paligemma(
+        tmp_path / "paligemma",
         action_expert_variant=EXPERT,
         action_dim=4,
         action_horizon=3,
@@ -221,27 +223,29 @@ def test_pi0_from_paligemma_builds_pi05(backbone, inputs):
         pi05=True,
         image_keys=("base_0_rgb",),
     )
-    assert model.pi05 and model.vocabulary_size == 96
+    assert model.pi05 and model.vocabulary_size == 96 and model.expert_width == 16
     hidden = pi0_prefix_hidden_states(model, images, tokens, mask)
     expected = paligemma_hidden_states(backbone, images, tokens, mask)
     assert np.abs(valid(hidden, mask) - valid(expected, mask)).max() < 1e-5
     actions = model.sample_actions(model.dummy_observation(BATCH), num_steps=2)
     assert actions.shape == (BATCH, 3, 4)
-    with pytest.raises(ValueError, match=r"\['vocabulary_size'\] come from the PaliGemma backbone"):
-        pi0_from_paligemma(backbone, action_expert_variant=EXPERT, vocabulary_size=10)
+    with pytest.raises(
+        ValueError,
+        match=r"\['vocabulary_size'\] come from the PaliGemma backbone; do not pass them to "
+        r"Pi0.from_paligemma",
+    ):
+        Pi0.from_paligemma(backbone, action_expert_variant=EXPERT, vocabulary_size=10)
 
 
 def test_pi0_fast_from_paligemma_is_paligemma(backbone, inputs):
     """π0-FAST is PaliGemma: prefix-LM hidden states and tied logits equal the backbone's."""
     images, tokens, mask = inputs
-    model = Pi0Fast(
-        **pi0_config_from_paligemma(backbone),
-        action_dim=4,
-        action_horizon=3,
-        max_token_len=LENGTH,
-        image_keys=("base_0_rgb",),
+    model = Pi0Fast.from_paligemma(
+        backbone, action_dim=4, action_horizon=3, max_token_len=LENGTH, image_keys=("base_0_rgb",)
     )
-    load_paligemma_weights(model, backbone)
+    pairs = vision_weight_pairs(backbone.vit_encoder, model.vision_encoder)
+    pairs += language_weight_pairs(backbone, model.gemma)
+    assert {id(target) for _, _, target, _ in pairs} == {id(v) for v in model.weights}  # all copied
     ar = (np.arange(LENGTH)[None] >= 3).astype("int32") * mask  # prompt 3 tokens, then answer
     observation = {
         "image": {"base_0_rgb": images},
@@ -249,7 +253,7 @@ def test_pi0_fast_from_paligemma_is_paligemma(backbone, inputs):
         "tokenized_prompt_mask": mask,
         "token_ar_mask": ar,
     }
-    embedded, input_mask, ar_mask = model.embed_inputs(model.prepare_observation(observation))
+    embedded, input_mask, ar_mask = model.embed_prefix(model.prepare_observation(observation))
     positions = ops.cumsum(ops.cast(input_mask, "int32"), axis=1) - 1
     attention = make_attention_mask(input_mask, ar_mask)
     (hidden,), _ = model.gemma([embedded], positions, attention)

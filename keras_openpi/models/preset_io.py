@@ -1,0 +1,286 @@
+"""keras-hub presets of the policies: `save_to_preset`, `from_preset`, `from_paligemma`.
+
+A preset is keras-hub's directory layout, written by keras-hub's own saver
+and read by its own loader (`keras_hub.src.utils.preset_utils`), so local
+directories, `hf://` and `kaggle://` handles work as for keras-hub's models
+and `keras_hub.upload_preset(uri, preset_dir)` publishes one:
+
+- `config.json`: the model's Keras config (class `keras_openpi>Pi0` or
+  `keras_openpi>Pi0Fast`), with its fine-tuning record (LoRA adapters, ranks,
+  alphas, frozen weights, int8 layers; see `keras_openpi.finetuning`);
+- `model.weights.h5` (or, past `max_shard_size` GB, `model.weights.json` and
+  its `model_*.weights.h5` shards): every weight, LoRA adapters unmerged;
+- `metadata.json`: Keras and keras-hub versions, parameter count, date;
+- `tokenizer.json` and `assets/tokenizer/`: π0-FAST's carried
+  `FASTPromptTokenizerLayer`, or the prompt tokenizer given to a π0's
+  `save_to_preset` (a keras-hub `PaliGemmaTokenizer`).
+
+The policies are not keras-hub `Backbone`s (docs/architecture.md says why):
+`keras_hub.models.Backbone.from_preset(dir)` refuses a policy preset with
+keras-hub's own message, naming the class to call `from_preset` on.
+keras-hub (and with it TensorFlow, when installed) is imported only when a
+preset is written or read.
+"""
+
+import os
+import pathlib
+import shutil
+import uuid
+
+# keras-hub's preset file names (`keras_hub.src.utils.preset_utils`), repeated
+# so that checking a directory does not import keras-hub. A directory holding
+# anything else is not replaced by `save_to_preset`.
+PRESET_FILES = (
+    "config.json",
+    "metadata.json",
+    "model.weights.h5",
+    "model.weights.json",
+    "tokenizer.json",
+    "task.json",
+    "task.weights.h5",
+    "preprocessor.json",
+    "image_converter.json",
+    "audio_converter.json",
+    "video_converter.json",
+    "README.md",
+    "assets",
+)
+# Weight-file suffixes: an output path ending in one names a file, not a preset directory.
+FILE_SUFFIXES = (".h5", ".npz", ".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".zip")
+
+
+def _is_preset_entry(name):
+    return name in PRESET_FILES or (name.startswith("model_") and name.endswith(".weights.h5"))
+
+
+def check_preset_dir(preset_dir):
+    """Raises a `ValueError` unless a preset can be written at `preset_dir`.
+
+    It may be missing, an empty directory, or a directory holding only a
+    preset's files (`PRESET_FILES`, weight shards); those are replaced.
+
+    Args:
+        preset_dir: the directory `save_to_preset` would write.
+    """
+    path = pathlib.Path(preset_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; a preset is a directory.")
+    if path.is_dir():
+        foreign = sorted(name for name in os.listdir(path) if not _is_preset_entry(name))
+        if foreign:
+            raise ValueError(
+                f"{path} holds files that are not a preset's ({', '.join(foreign[:5])}); "
+                "write the preset to a new or empty directory."
+            )
+
+
+def _replace_dir(staging, target):
+    """Moves the complete directory `staging` to `target`, replacing a preset there."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _carried_tokenizer(model):
+    """The tokenizer layer the model carries (π0-FAST's), or None."""
+    from keras_openpi.tokenizers.fast_prompt_layer import FASTPromptTokenizerLayer
+
+    layer = getattr(model, "tokenizer", None)
+    return layer if isinstance(layer, FASTPromptTokenizerLayer) else None
+
+
+def save_preset(model, preset_dir, tokenizer=None, max_shard_size=10):
+    """Writes `model` (and a tokenizer) as a keras-hub preset; see `PresetMixin.save_to_preset`."""
+    target = pathlib.Path(preset_dir).absolute()
+    check_preset_dir(target)
+    carried = _carried_tokenizer(model)
+    if carried is not None and tokenizer is not None:
+        raise ValueError(
+            f"{type(model).__name__} carries its tokenizer (written with the preset); "
+            "pass no 'tokenizer' (model.set_tokenizer(...) changes it)."
+        )
+    if tokenizer is not None and not hasattr(tokenizer, "save_to_preset"):
+        raise ValueError(
+            "'tokenizer' must be a PaliGemmaTokenizer (keras_openpi's or keras-hub's), got "
+            f"{type(tokenizer).__name__}."
+        )
+    if carried is not None and carried.tokenizer is None:
+        carried = None  # a model without a tokenizer yet: none is written
+    from keras_hub.src.utils.preset_utils import get_preset_saver
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    os.mkdir(staging)
+    try:
+        saver = get_preset_saver(str(staging))
+        saver.save_backbone(model, max_shard_size=max_shard_size)
+        if carried is not None:
+            saver.save_tokenizer(carried)
+        elif tokenizer is not None:
+            tokenizer.save_to_preset(str(staging))
+        _replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _local_or_handle(preset):
+    """`preset` as a string; a clear error for a local path that is not a directory."""
+    if isinstance(preset, os.PathLike):
+        preset = os.fspath(preset)
+    if not isinstance(preset, str):
+        raise ValueError(
+            "'preset' must be a preset directory or a keras-hub handle (hf://..., kaggle://...), "
+            f"got {type(preset).__name__}."
+        )
+    if "://" in preset:
+        return preset
+    from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS
+
+    if preset not in BUILTIN_PRESETS and not os.path.isdir(preset):
+        what = "is a file, not" if os.path.exists(preset) else "does not exist; expected"
+        raise FileNotFoundError(
+            f"the preset {preset} {what} a preset directory (written by save_to_preset) "
+            "or a keras-hub handle (hf://..., kaggle://...)."
+        )
+    return preset
+
+
+def load_preset(cls, preset, load_weights=True, **kwargs):
+    """Loads a policy preset as an instance of `cls`; see `PresetMixin.from_preset`."""
+    from keras_hub.src.utils import preset_utils
+
+    preset = _local_or_handle(preset)
+    loader = preset_utils.get_preset_loader(preset)
+    if not isinstance(loader, preset_utils.KerasPresetLoader):
+        raise ValueError(
+            f"the preset {preset} holds a {type(loader).__name__.removesuffix('PresetLoader')} "
+            f"checkpoint, not a keras_openpi policy preset (written by {cls.__name__}.save_to_preset)."
+        )
+    found = loader.check_backbone_class()
+    if not (isinstance(found, type) and issubclass(found, cls)):
+        hint = ""
+        if found.__name__ == "PaliGemmaBackbone":
+            hint = f"; start a policy from it with {cls.__name__}.from_paligemma({preset!r}, ...)"
+        raise ValueError(f"the preset {preset} holds a {found.__name__}, not a {cls.__name__}{hint}.")
+    try:
+        model = loader.load_backbone(found, load_weights, **kwargs)
+    except (OSError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot load the preset {preset}: {type(error).__name__}: {reason[:300]}")
+    if load_weights:
+        from keras_openpi.convert.keras_file import check_model_weights
+
+        check_model_weights(model, preset)
+    carried = _carried_tokenizer(model)
+    if carried is not None and preset_utils.check_file_exists(
+        preset, preset_utils.TOKENIZER_CONFIG_FILE
+    ):
+        layer = loader.load_tokenizer(type(carried))
+        if not isinstance(layer, type(carried)) or layer.tokenizer is None:
+            raise ValueError(
+                f"the preset {preset}'s {preset_utils.TOKENIZER_CONFIG_FILE} holds a "
+                f"{type(layer).__name__} without files, not the {type(carried).__name__} "
+                f"{found.__name__} carries."
+            )
+        model.set_tokenizer(layer.tokenizer)
+    return model
+
+
+class PresetMixin:
+    """keras-hub presets and PaliGemma initialization for `PaliGemmaPolicy` models.
+
+    Example:
+    >>> model = Pi0.from_paligemma("pali_gemma_3b_224", action_dim=8)    # doctest: +SKIP
+    >>> model.save_to_preset("pi0_robot", tokenizer=PaliGemmaTokenizer(...))  # doctest: +SKIP
+    >>> keras_hub.upload_preset("hf://me/pi0_robot", "pi0_robot")         # doctest: +SKIP
+    >>> model = Pi0.from_preset("hf://me/pi0_robot")                       # doctest: +SKIP
+    """
+
+    def save_to_preset(self, preset_dir, tokenizer=None, max_shard_size=10):
+        """Writes the model as a keras-hub preset directory (see `keras_openpi.models.preset_io`).
+
+        The preset is written completely in a sibling directory, then moved
+        to `preset_dir`, replacing a preset there (stale files included);
+        on an error nothing is written.
+
+        Args:
+            preset_dir: the directory: missing, empty, or an earlier preset.
+            tokenizer: π0: the prompt tokenizer to ship with the model, a
+                `keras_openpi.tokenizers.PaliGemmaTokenizer` or a
+                `keras_hub.models.PaliGemmaTokenizer` (read back with
+                `PaliGemmaTokenizer.from_preset(preset_dir, max_len=...)`).
+                π0-FAST writes the tokenizer it carries and takes none.
+            max_shard_size: keras-hub's: weights larger than this many GB
+                are written as shards (full-size π0 in float32 is 13 GB).
+
+        Raises:
+            ValueError: `preset_dir` is a file or holds files that are not a
+                preset's; a tokenizer given to π0-FAST, or one that is not a
+                PaliGemma tokenizer.
+        """
+        save_preset(self, preset_dir, tokenizer, max_shard_size)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a preset through keras-hub's loader (as `keras_hub.models.Backbone.from_preset`).
+
+        The model is rebuilt from `config.json` with its fine-tuning (LoRA
+        adapters, ranks, alphas, frozen flags, int8 layers), then its weights
+        are read and checked finite; π0-FAST gets the tokenizer of the
+        preset's `assets/tokenizer/`. As for keras-hub's models, the model is
+        built in Keras' default dtype policy unless `dtype` is given.
+
+        Args:
+            preset: a local preset directory, or a keras-hub handle
+                (`hf://user/name`, `kaggle://user/model/keras/variant`), which
+                keras-hub downloads and caches.
+            load_weights: False for the preset's architecture with fresh weights.
+            **kwargs: `dtype` (e.g. `"mixed_bfloat16"`) and constructor
+                arguments that replace the saved ones (e.g. `seed`, `augment`).
+
+        Returns:
+            the model: an instance of the preset's class, which must be `cls`
+            or a subclass (`PaliGemmaPolicy.from_preset` loads any policy).
+
+        Raises:
+            FileNotFoundError: a local path that is not a directory.
+            ValueError: a preset of another model (naming both classes), or
+                unreadable or non-finite weights (naming the preset).
+        """
+        return load_preset(cls, preset, load_weights, **kwargs)
+
+    @classmethod
+    def from_paligemma(cls, paligemma, **kwargs):
+        """The policy initialized from a keras-hub PaliGemma, as openpi starts π0 and π0-FAST.
+
+        SigLIP and the VLM (token embedding, decoder blocks, final norm) take
+        the PaliGemma's weights; π0's action expert and projections are
+        freshly initialized. See `keras_openpi.convert.paligemma`.
+
+        Args:
+            paligemma: a `keras_hub.models.PaliGemmaBackbone` (PaliGemma 1), or
+                a preset of one (`keras_hub.models.PaliGemmaBackbone.from_preset`:
+                a local directory, `hf://`, `kaggle://`, or a keras-hub name such
+                as `pali_gemma_3b_224`, which downloads).
+            **kwargs: the other constructor arguments (π0: `action_expert_variant`,
+                default `gemma_300m`, whose depth, heads and head dim must be the
+                PaliGemma's; `action_dim`, `action_horizon`, `pi05`, `dtype`, ...),
+                not the ones the PaliGemma fixes (`paligemma_variant`,
+                `vision_variant`, `vocabulary_size`, `image_resolution`).
+
+        Raises:
+            ValueError: a PaliGemma option the policy cannot compute (PaliGemma 2's
+                Gemma 2 features), or an argument the PaliGemma fixes.
+        """
+        from keras_openpi.convert.paligemma import policy_from_paligemma
+
+        return policy_from_paligemma(cls, paligemma, **kwargs)
