@@ -1,4 +1,4 @@
-"""keras-hub presets of π0 and π0-FAST: layout, LoRA round trips, tokenizers, errors."""
+"""keras-hub presets of π0 and π0-FAST: layout, LoRA round trips, tokenizers, errors, the CLI."""
 
 import json
 import os
@@ -8,12 +8,14 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import fixture_path
 from finetuning_helpers import NO_GRADIENT
 from finetuning_helpers import check_two_steps
 from finetuning_helpers import fit_two_steps
 from finetuning_helpers import fixed_velocity
 from finetuning_helpers import snapshot
 from finetuning_helpers import tiny_pi0
+from keras_openpi.cli import main as cli
 from keras_openpi.models import PaliGemmaPolicy
 from keras_openpi.models import Pi0
 from keras_openpi.models import Pi0Fast
@@ -288,3 +290,41 @@ def test_loading_errors_name_the_preset(tmp_path):
     with pytest.raises(ValueError, match=f"cannot load the preset {directory}: OSError"):
         Pi0.from_preset(directory)
 
+
+# === The CLI ===
+
+
+def test_convert_writes_a_preset_for_a_path_without_keras_suffix(tmp_path, openpi_fixture, capsys):
+    fixture = openpi_fixture("pi0")
+    output = tmp_path / "pi0_base"
+
+    def convert(*flags):
+        return cli(
+            ["convert", "openpi", str(fixture_path("pi0.npz")), "--model", "pi0",
+             "--action-horizon", "10", "--max-token-len", "16", "--output", *flags]
+        )  # fmt: skip
+
+    assert convert(str(output)) == 0
+    assert f"wrote {output} (keras-hub preset, " in capsys.readouterr().out
+    assert listing(output) == ["config.json", "metadata.json", "model.weights.h5"]
+    model = Pi0.from_preset(output)
+    np.testing.assert_allclose(
+        np.asarray(
+            model.sample_actions(fixture.observation(model.image_keys), noise=fixture["input/noise"])
+        ),
+        fixture["output/sampled"],
+        atol=1e-4,
+        rtol=0,
+    )
+    assert convert(str(output)) == 2
+    assert f"--output {output} is a directory that is not empty; pass --overwrite" in (
+        capsys.readouterr().err
+    )
+    assert convert(str(output), "--overwrite") == 0
+    assert sorted(os.listdir(tmp_path)) == ["pi0_base"]
+    (output / "notes.txt").write_text("mine")
+    assert convert(str(output), "--overwrite") == 2
+    assert "holds files that are not a preset's (notes.txt)" in capsys.readouterr().err
+    assert convert(str(tmp_path / "pi0.h5")) == 2
+    assert "--output must be a .keras file or a preset directory, got" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["pi0_base"]
