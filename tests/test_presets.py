@@ -287,8 +287,50 @@ def test_loading_errors_name_the_preset(tmp_path):
     with pytest.raises(ValueError, match=rf"{directory}: weight 'pi0/action_in_proj/kernel' holds nan"):
         Pi0.from_preset(directory)
     weights.write_bytes(weights.read_bytes()[:2000])
-    with pytest.raises(ValueError, match=f"cannot load the preset {directory}: OSError"):
+    with pytest.raises(
+        ValueError,
+        match=f"cannot load the preset {directory}: its model.weights.h5 is missing or damaged "
+        r"\(OSError: Unable to synchronously open file \(truncated file",
+    ):
         Pi0.from_preset(directory)
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"it has no model.weights.h5 \(nor model.weights.json of"):
+        Pi0.from_preset(directory)
+    assert type(Pi0.from_preset(directory, load_weights=False)) is Pi0
+    (directory / "config.json").write_text('{"registered_name": "keras_openpi>Pi0", ')
+    with pytest.raises(
+        ValueError,
+        match=f"cannot load the preset {directory}: its config.json is missing or damaged "
+        r"\(JSONDecodeError: ",
+    ):
+        Pi0.from_preset(directory)
+
+
+def test_damaged_tokenizer_files_are_named(fast_model, tmp_path):
+    model, _ = fast_model
+    directory = tmp_path / "pi0_fast"
+    model.save_to_preset(directory)
+    assets = directory / "assets/tokenizer"
+    (assets / "paligemma_tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(
+        ValueError,
+        match=f"the preset {directory}: its assets/tokenizer/paligemma_tokenizer.model is missing "
+        r"or damaged \(RuntimeError: ",
+    ):
+        Pi0Fast.from_preset(directory)
+    (assets / "paligemma_tokenizer.model").unlink()
+    with pytest.raises(
+        ValueError,
+        match="its assets/tokenizer/paligemma_tokenizer.model is missing or damaged "
+        r"\(FileNotFoundError: `assets/tokenizer/paligemma_tokenizer.model` doesn't exist",
+    ):
+        Pi0Fast.from_preset(directory)
+    model.save_to_preset(directory)
+    (assets / "fast/processor_config.json").write_text("{")
+    with pytest.raises(
+        ValueError, match="its assets/tokenizer/fast/processor_config.json is missing or damaged"
+    ):
+        Pi0Fast.from_preset(directory)
 
 
 # === The CLI ===

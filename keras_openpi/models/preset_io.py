@@ -22,6 +22,7 @@ keras-hub (and with it TensorFlow, when installed) is imported only when a
 preset is written or read.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -154,37 +155,95 @@ def _local_or_handle(preset):
     return preset
 
 
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _damaged_file(preset, names):
+    """The first of the preset's files `names` that is missing or does not parse, or None."""
+    import h5py
+    import sentencepiece
+    from keras_hub.src.utils.preset_utils import get_file
+
+    for name in names:
+        try:
+            path = get_file(preset, name)
+            if name.endswith(".json"):
+                with open(path, encoding="utf-8") as file:
+                    json.load(file)
+            elif name.endswith(".h5"):
+                h5py.File(path, "r").close()
+            elif name.endswith((".model", ".spm")):
+                sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception:  # noqa: BLE001 - any failure to read marks the file
+            return name
+    return None
+
+
+def _reading(preset, names, action):
+    """`action()`; an error while it reads the preset's files `names` becomes one line naming the file."""
+    try:
+        return action()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        name = _damaged_file(preset, names)
+        where = f"its {name} is missing or damaged" if name else f"reading {', '.join(names)}"
+        raise ValueError(
+            f"cannot load the preset {preset}: {where} ({type(error).__name__}: {_first_line(error)})."
+        ) from None
+
+
+def _weight_files(preset, loader):
+    """The preset's weight files: `model.weights.h5`, or the shard index and its shards."""
+    from keras_hub.src.utils import preset_utils
+
+    if preset_utils.check_file_exists(preset, preset_utils.MODEL_WEIGHTS_FILE):
+        return [preset_utils.MODEL_WEIGHTS_FILE]
+    index = preset_utils.SHARDED_MODEL_WEIGHTS_CONFIG_FILE
+    if not preset_utils.check_file_exists(preset, index):
+        raise ValueError(
+            f"cannot load the preset {preset}: it has no {preset_utils.MODEL_WEIGHTS_FILE} "
+            f"(nor {index} of weight shards); pass load_weights=False for fresh weights."
+        )
+    shards = _reading(preset, [index], lambda: loader._get_sharded_filenames(
+        preset_utils.get_file(preset, index)))  # fmt: skip
+    return [index, *shards]
+
+
 def load_preset(cls, preset, load_weights=True, **kwargs):
     """Loads a policy preset as an instance of `cls`; see `PresetMixin.from_preset`."""
     from keras_hub.src.utils import preset_utils
 
     preset = _local_or_handle(preset)
-    loader = preset_utils.get_preset_loader(preset)
+    config_file = preset_utils.CONFIG_FILE
+    loader = _reading(preset, [config_file], lambda: preset_utils.get_preset_loader(preset))
     if not isinstance(loader, preset_utils.KerasPresetLoader):
         raise ValueError(
             f"the preset {preset} holds a {type(loader).__name__.removesuffix('PresetLoader')} "
             f"checkpoint, not a keras_openpi policy preset (written by {cls.__name__}.save_to_preset)."
         )
-    found = loader.check_backbone_class()
+    found = _reading(preset, [config_file], loader.check_backbone_class)
     if not (isinstance(found, type) and issubclass(found, cls)):
         hint = ""
         if found.__name__ == "PaliGemmaBackbone":
             hint = f"; start a policy from it with {cls.__name__}.from_paligemma({preset!r}, ...)"
         raise ValueError(f"the preset {preset} holds a {found.__name__}, not a {cls.__name__}{hint}.")
-    try:
-        model = loader.load_backbone(found, load_weights, **kwargs)
-    except (OSError, KeyError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot load the preset {preset}: {type(error).__name__}: {reason[:300]}")
+    weight_files = _weight_files(preset, loader) if load_weights else []
+    model = _reading(preset, [config_file], lambda: loader.load_backbone(found, False, **kwargs))
     if load_weights:
         from keras_openpi.convert.keras_file import check_model_weights
 
+        preset_utils.jax_memory_cleanup(model)  # as keras-hub: no second copy while loading
+        _reading(preset, weight_files, lambda: loader._load_backbone_weights(model))
         check_model_weights(model, preset)
     carried = _carried_tokenizer(model)
     if carried is not None and preset_utils.check_file_exists(
         preset, preset_utils.TOKENIZER_CONFIG_FILE
     ):
-        layer = loader.load_tokenizer(type(carried))
+        files = [preset_utils.TOKENIZER_CONFIG_FILE] + [
+            f"{preset_utils.TOKENIZER_ASSET_DIR}/{name}" for name in carried.file_assets
+        ]
+        layer = _reading(preset, files, lambda: loader.load_tokenizer(type(carried)))
         if not isinstance(layer, type(carried)) or layer.tokenizer is None:
             raise ValueError(
                 f"the preset {preset}'s {preset_utils.TOKENIZER_CONFIG_FILE} holds a "
@@ -253,8 +312,10 @@ class PresetMixin:
 
         Raises:
             FileNotFoundError: a local path that is not a directory.
-            ValueError: a preset of another model (naming both classes), or
-                unreadable or non-finite weights (naming the preset).
+            ValueError: a preset of another model (naming both classes); a
+                missing or damaged file (`config.json`, the weights, the
+                tokenizer's), named in one line; non-finite weights (naming
+                the weight).
         """
         return load_preset(cls, preset, load_weights, **kwargs)
 
