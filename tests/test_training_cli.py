@@ -43,6 +43,10 @@ def test_registry_mirrors_openpis_configs():
         "pi05_libero",
         "pi0_droid",
         "demo",
+        "pi0_metaworld_small",
+        "pi0_metaworld_small_finetune",
+        "pi0_metaworld",
+        "pi0_metaworld_lora",
     ]
     libero = get_config("pi0_libero")
     assert (libero.batch_size, libero.num_train_steps, libero.ema_decay, libero.seed) == (

@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_openpi.data import pipeline
 from keras_openpi.data.loader import DataLoader
-from keras_openpi.data.normalize import compute_norm_stats
+from keras_openpi.data.running_stats import compute_norm_stats
 from keras_openpi.data.normalize import load_norm_stats
 from keras_openpi.data.normalize import save_norm_stats
 from keras_openpi.data.robots import aloha
