@@ -163,6 +163,25 @@ def test_reloaded_preset_resumes_training(lora_preset):
     assert not any(NO_GRADIENT.fullmatch(name) for name in moved)
 
 
+def test_openpi_form_lora_survives(tmp_path):
+    """LoRA in openpi's form (`--keep-lora`, `form="openpi"`) reloads in that form, values equal."""
+    model = tiny_pi0()
+    model.apply_strategy("lora", rank=RANK, alpha=ALPHA, form="openpi")
+    for variable in model.weights:  # non-zero adapters, so that a lost one would show
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.01, variable.dtype))
+    model.save_to_preset(tmp_path / "openpi_lora")
+    reloaded = Pi0.from_preset(tmp_path / "openpi_lora")
+    assert reloaded.get_config() == model.get_config()
+    assert reloaded.finetuning_state == model.finetuning_state
+    before, after = snapshot(model), snapshot(reloaded)
+    assert sorted(after) == sorted(before)
+    for name, (value, trainable) in before.items():
+        np.testing.assert_array_equal(after[name][0], value, err_msg=name)
+        assert after[name][1] == trainable, name
+    np.testing.assert_array_equal(fixed_velocity(reloaded), fixed_velocity(model))
+
+
 # === π0-FAST: the carried tokenizer ===
 
 
@@ -275,7 +294,7 @@ def test_loading_errors_name_the_preset(tmp_path):
     with pytest.raises(
         ValueError,
         match="holds a PaliGemmaBackbone, not a Pi0; start a policy from it with "
-        "Pi0.from_paligemma",
+        "keras_openpi.convert.pi0_from_paligemma",
     ):
         Pi0.from_preset(tmp_path / "paligemma")
     directory = tmp_path / "pi0"
@@ -284,7 +303,7 @@ def test_loading_errors_name_the_preset(tmp_path):
     with h5py.File(weights, "r+") as file:
         kernel = file["action_in_proj/vars/0"]
         kernel[0, 0] = np.nan
-    with pytest.raises(ValueError, match=rf"{directory}: weight 'pi0/action_in_proj/kernel' holds nan"):
+    with pytest.raises(ValueError, match=rf"{directory}: weight 'pi0/action_in_proj/kernel' holds NaN"):
         Pi0.from_preset(directory)
     weights.write_bytes(weights.read_bytes()[:2000])
     with pytest.raises(

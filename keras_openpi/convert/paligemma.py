@@ -270,6 +270,9 @@ def load_paligemma_weights(model, backbone):
         target.assign(value.astype(target.dtype))
 
 
+_FUNCTIONS = {"Pi0": "pi0_from_paligemma", "Pi0Fast": "pi0_fast_from_paligemma"}
+
+
 def policy_from_paligemma(model_class, backbone, **kwargs):
     """A policy whose VLM and vision tower are a keras-hub PaliGemma's, as openpi starts π0.
 
@@ -300,7 +303,7 @@ def policy_from_paligemma(model_class, backbone, **kwargs):
     if fixed:
         raise ValueError(
             f"{fixed} come from the PaliGemma backbone; do not pass them to "
-            f"{model_class.__name__}.from_paligemma."
+            f"{_FUNCTIONS[model_class.__name__]}."
         )
     model = model_class(**config, **kwargs)
     load_paligemma_weights(model, backbone)
@@ -310,7 +313,7 @@ def policy_from_paligemma(model_class, backbone, **kwargs):
 def pi0_from_paligemma(backbone, action_expert_variant="gemma_300m", **kwargs):
     """A `Pi0` (π0 or, with `pi05=True`, π0.5) started from a keras-hub PaliGemma.
 
-    `Pi0.from_paligemma`; see `policy_from_paligemma`. The action expert
+    See `policy_from_paligemma`. The action expert
     (openpi: `gemma_300m`) must have the backbone's depth, heads and head dim.
     """
     from keras_openpi.models import Pi0
@@ -323,7 +326,7 @@ def pi0_from_paligemma(backbone, action_expert_variant="gemma_300m", **kwargs):
 def pi0_fast_from_paligemma(backbone, **kwargs):
     """A `Pi0Fast` started from a keras-hub PaliGemma (π0-FAST is PaliGemma itself).
 
-    `Pi0Fast.from_paligemma`; see `policy_from_paligemma`. Every weight is
+    See `policy_from_paligemma`. Every weight is
     the PaliGemma's.
     """
     from keras_openpi.models import Pi0Fast

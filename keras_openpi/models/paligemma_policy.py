@@ -44,9 +44,8 @@ class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
     - the fine-tuning declarations: `finetuning_groups()` (`vision`, `vlm`,
       one group per action expert, `projections`), `default_lora_targets()`,
       `remat_layers()`, `row_chunked_layers()`;
-    - keras-hub presets and PaliGemma initialization (`PresetMixin`):
-      `save_to_preset(dir)`, `from_preset(dir_or_handle)`,
-      `from_paligemma(backbone_or_preset, ...)`.
+    - keras-hub presets (`PresetMixin`): `save_to_preset(dir)`,
+      `from_preset(dir_or_handle)`.
 
     Subclasses build their heads after calling this constructor, then call
     `self.build()` and `self.enable_sequencing(layer_sequencing_default())`.

@@ -1,4 +1,4 @@
-"""keras-hub presets of the policies: `save_to_preset`, `from_preset`, `from_paligemma`.
+"""keras-hub presets of the policies: `save_to_preset` and `from_preset`.
 
 A preset is keras-hub's directory layout, written by keras-hub's own saver
 and read by its own loader (`keras_hub.src.utils.preset_utils`), so local
@@ -19,7 +19,9 @@ The policies are not keras-hub `Backbone`s (docs/architecture.md says why):
 `keras_hub.models.Backbone.from_preset(dir)` refuses a policy preset with
 keras-hub's own message, naming the class to call `from_preset` on.
 keras-hub (and with it TensorFlow, when installed) is imported only when a
-preset is written or read.
+preset is written or read. A policy started from a keras-hub PaliGemma is
+`keras_openpi.convert.pi0_from_paligemma` / `pi0_fast_from_paligemma`, not
+a classmethod here: models do not import `convert` (docs/architecture.md).
 """
 
 import json
@@ -210,6 +212,22 @@ def _weight_files(preset, loader):
     return [index, *shards]
 
 
+_FROM_PALIGEMMA = {"Pi0Fast": "pi0_fast_from_paligemma"}
+
+
+def _check_finite(model, preset):
+    """Raises a `ValueError` naming the first float weight that holds NaN or inf."""
+    import keras
+
+    for variable in model.weights:
+        if keras.backend.is_float_dtype(variable.dtype) and not bool(
+            keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(variable.value)))
+        ):
+            raise ValueError(
+                f"{preset}: weight '{variable.path}' holds NaN or inf; the preset is damaged."
+            )
+
+
 def load_preset(cls, preset, load_weights=True, **kwargs):
     """Loads a policy preset as an instance of `cls`; see `PresetMixin.from_preset`."""
     from keras_hub.src.utils import preset_utils
@@ -226,16 +244,15 @@ def load_preset(cls, preset, load_weights=True, **kwargs):
     if not (isinstance(found, type) and issubclass(found, cls)):
         hint = ""
         if found.__name__ == "PaliGemmaBackbone":
-            hint = f"; start a policy from it with {cls.__name__}.from_paligemma({preset!r}, ...)"
+            function = _FROM_PALIGEMMA.get(cls.__name__, "pi0_from_paligemma")
+            hint = f"; start a policy from it with keras_openpi.convert.{function}"
         raise ValueError(f"the preset {preset} holds a {found.__name__}, not a {cls.__name__}{hint}.")
     weight_files = _weight_files(preset, loader) if load_weights else []
     model = _reading(preset, [config_file], lambda: loader.load_backbone(found, False, **kwargs))
     if load_weights:
-        from keras_openpi.convert.keras_file import check_model_weights
-
         preset_utils.jax_memory_cleanup(model)  # as keras-hub: no second copy while loading
         _reading(preset, weight_files, lambda: loader._load_backbone_weights(model))
-        check_model_weights(model, preset)
+        _check_finite(model, preset)
     carried = _carried_tokenizer(model)
     if carried is not None and preset_utils.check_file_exists(
         preset, preset_utils.TOKENIZER_CONFIG_FILE
@@ -255,10 +272,10 @@ def load_preset(cls, preset, load_weights=True, **kwargs):
 
 
 class PresetMixin:
-    """keras-hub presets and PaliGemma initialization for `PaliGemmaPolicy` models.
+    """keras-hub presets for `PaliGemmaPolicy` models.
 
     Example:
-    >>> model = Pi0.from_paligemma("pali_gemma_3b_224", action_dim=8)    # doctest: +SKIP
+    >>> model = pi0_from_paligemma("pali_gemma_3b_224", action_dim=8)    # doctest: +SKIP
     >>> model.save_to_preset("pi0_robot", tokenizer=PaliGemmaTokenizer(...))  # doctest: +SKIP
     >>> keras_hub.upload_preset("hf://me/pi0_robot", "pi0_robot")         # doctest: +SKIP
     >>> model = Pi0.from_preset("hf://me/pi0_robot")                       # doctest: +SKIP
@@ -314,34 +331,6 @@ class PresetMixin:
             FileNotFoundError: a local path that is not a directory.
             ValueError: a preset of another model (naming both classes); a
                 missing or damaged file (`config.json`, the weights, the
-                tokenizer's), named in one line; non-finite weights (naming
-                the weight).
+                tokenizer's), named in one line; a NaN or inf weight (named).
         """
         return load_preset(cls, preset, load_weights, **kwargs)
-
-    @classmethod
-    def from_paligemma(cls, paligemma, **kwargs):
-        """The policy initialized from a keras-hub PaliGemma, as openpi starts π0 and π0-FAST.
-
-        SigLIP and the VLM (token embedding, decoder blocks, final norm) take
-        the PaliGemma's weights; π0's action expert and projections are
-        freshly initialized. See `keras_openpi.convert.paligemma`.
-
-        Args:
-            paligemma: a `keras_hub.models.PaliGemmaBackbone` (PaliGemma 1), or
-                a preset of one (`keras_hub.models.PaliGemmaBackbone.from_preset`:
-                a local directory, `hf://`, `kaggle://`, or a keras-hub name such
-                as `pali_gemma_3b_224`, which downloads).
-            **kwargs: the other constructor arguments (π0: `action_expert_variant`,
-                default `gemma_300m`, whose depth, heads and head dim must be the
-                PaliGemma's; `action_dim`, `action_horizon`, `pi05`, `dtype`, ...),
-                not the ones the PaliGemma fixes (`paligemma_variant`,
-                `vision_variant`, `vocabulary_size`, `image_resolution`).
-
-        Raises:
-            ValueError: a PaliGemma option the policy cannot compute (PaliGemma 2's
-                Gemma 2 features), or an argument the PaliGemma fixes.
-        """
-        from keras_openpi.convert.paligemma import policy_from_paligemma
-
-        return policy_from_paligemma(cls, paligemma, **kwargs)
