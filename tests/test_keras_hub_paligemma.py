@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_openpi.convert import load_paligemma_weights
+from keras_openpi.convert import pi0_config_from_paligemma
+from keras_openpi.convert import pi0_fast_from_paligemma
+from keras_openpi.convert import pi0_from_paligemma
 from keras_openpi.convert import pi0_from_openpi
-from keras_openpi.convert.paligemma import load_paligemma_weights
-from keras_openpi.convert.paligemma import pi0_config_from_paligemma
-from keras_openpi.convert.paligemma import pi0_from_paligemma
+from keras_openpi.convert.paligemma import language_weight_pairs
 from keras_openpi.convert.paligemma import vision_weight_pairs
 from keras_openpi.layers.masks import make_attention_mask
 from keras_openpi.layers.siglip import SigLIPEncoder
 from keras_openpi.models import Pi0
-from keras_openpi.models import Pi0Fast
 
 keras_hub = pytest.importorskip("keras_hub")
 from keras_hub.src.models.pali_gemma.pali_gemma_vit import PaliGemmaVit  # noqa: E402
@@ -210,10 +211,12 @@ def test_pi0_prefix_hidden_states_equal_paligemmas(backbone, inputs):
     assert len(changed) == 2 + 2 * 9 + (7 + 2 * 16)
 
 
-def test_pi0_from_paligemma_builds_pi05(backbone, inputs):
+def test_pi0_from_paligemma_builds_pi05_from_a_preset(backbone, inputs, tmp_path):
+    """`pi0_from_paligemma` reads a PaliGemma preset through keras-hub's loader."""
     images, tokens, mask = inputs
+    backbone.save_to_preset(str(tmp_path / "paligemma"))
     model = pi0_from_paligemma(
-        backbone,
+        tmp_path / "paligemma",
         action_expert_variant=EXPERT,
         action_dim=4,
         action_horizon=3,
@@ -221,27 +224,29 @@ def test_pi0_from_paligemma_builds_pi05(backbone, inputs):
         pi05=True,
         image_keys=("base_0_rgb",),
     )
-    assert model.pi05 and model.vocabulary_size == 96
+    assert model.pi05 and model.vocabulary_size == 96 and model.expert_width == 16
     hidden = pi0_prefix_hidden_states(model, images, tokens, mask)
     expected = paligemma_hidden_states(backbone, images, tokens, mask)
     assert np.abs(valid(hidden, mask) - valid(expected, mask)).max() < 1e-5
     actions = model.sample_actions(model.dummy_observation(BATCH), num_steps=2)
     assert actions.shape == (BATCH, 3, 4)
-    with pytest.raises(ValueError, match=r"\['vocabulary_size'\] come from the PaliGemma backbone"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['vocabulary_size'\] come from the PaliGemma backbone; do not pass them to "
+        r"pi0_from_paligemma",
+    ):
         pi0_from_paligemma(backbone, action_expert_variant=EXPERT, vocabulary_size=10)
 
 
 def test_pi0_fast_from_paligemma_is_paligemma(backbone, inputs):
     """π0-FAST is PaliGemma: prefix-LM hidden states and tied logits equal the backbone's."""
     images, tokens, mask = inputs
-    model = Pi0Fast(
-        **pi0_config_from_paligemma(backbone),
-        action_dim=4,
-        action_horizon=3,
-        max_token_len=LENGTH,
-        image_keys=("base_0_rgb",),
+    model = pi0_fast_from_paligemma(
+        backbone, action_dim=4, action_horizon=3, max_token_len=LENGTH, image_keys=("base_0_rgb",)
     )
-    load_paligemma_weights(model, backbone)
+    pairs = vision_weight_pairs(backbone.vit_encoder, model.vision_encoder)
+    pairs += language_weight_pairs(backbone, model.gemma)
+    assert {id(target) for _, _, target, _ in pairs} == {id(v) for v in model.weights}  # all copied
     ar = (np.arange(LENGTH)[None] >= 3).astype("int32") * mask  # prompt 3 tokens, then answer
     observation = {
         "image": {"base_0_rgb": images},

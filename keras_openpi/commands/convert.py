@@ -1,4 +1,9 @@
-"""`keras-openpi convert openpi|lerobot|openpi-pytorch SRC ...`: a checkpoint to a `.keras` file."""
+"""`keras-openpi convert openpi|lerobot|openpi-pytorch SRC ...`: a checkpoint to a `.keras` file or a preset.
+
+`--output` ending in `.keras` is a `.keras` file; any other path is a
+keras-hub preset directory (`model.save_to_preset`), except a path ending in
+a weight-file suffix (`.h5`, `.npz`, ...), which is refused as ambiguous.
+"""
 
 import os
 import tempfile
@@ -6,7 +11,9 @@ import tempfile
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "convert", help="convert an openpi, LeRobot or openpi-PyTorch checkpoint into a .keras file"
+        "convert",
+        help="convert an openpi, LeRobot or openpi-PyTorch checkpoint into a .keras file or "
+        "a keras-hub preset directory",
     )
     parser.add_argument(
         "source_format", choices=["openpi", "lerobot", "openpi-pytorch"], help="checkpoint format"
@@ -50,9 +57,17 @@ def add_parser(subparsers):
         help="openpi only: keep the checkpoint's LoRA adapters unmerged, in openpi's form "
         "(trainable, frozen as openpi's *_lora configs), to continue a LoRA run",
     )
-    parser.add_argument("--output", required=True, help="the .keras file to write")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output file"
+        "--output",
+        required=True,
+        help="the .keras file to write, or (any path not ending in .keras) the keras-hub preset "
+        "directory (config.json, model.weights.h5, metadata.json; loads with "
+        "Pi0.from_preset(DIR))",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output file or preset directory",
     )
     return parser
 
@@ -65,23 +80,48 @@ def _existing_ancestor(path):
     return parent
 
 
+def is_preset_output(output):
+    """Whether `--output` names a keras-hub preset directory (not a `.keras` file)."""
+    return not os.fspath(output).endswith(".keras")
+
+
 def check_output(output, overwrite=False):
     """Raises a `ValueError` unless `output` can be written, before anything is converted.
 
-    The output must end in `.keras`, not exist (unless `overwrite`), and
-    its nearest existing folder must be a folder that takes a new file
-    (probed by creating and removing one, which also catches read-only
-    file systems where permission bits say nothing).
+    A `.keras` output must not exist (unless `overwrite`) nor be a
+    directory. Any other output is a preset directory: it must not end in
+    a weight-file suffix (`.h5`, `.npz`, ...), and an existing non-empty
+    directory is replaced only with `overwrite` and only when it holds
+    nothing but a preset's files. Either way the nearest existing folder
+    must take a new file (probed by creating and removing one, which also
+    catches read-only file systems where permission bits say nothing).
     """
-    if not output.endswith(".keras"):
-        raise ValueError(f"--output must end in .keras, got {output!r}.")
-    if os.path.isdir(output):
-        raise ValueError(f"--output {output} is a directory; give the .keras file to write.")
-    if os.path.lexists(output) and not overwrite:
-        raise ValueError(
-            f"--output {output} exists already; pass --overwrite to replace it "
-            "(it is replaced only once the new file is complete)."
-        )
+    from keras_openpi.models.preset_io import FILE_SUFFIXES
+    from keras_openpi.models.preset_io import check_preset_dir
+
+    if is_preset_output(output):
+        if output.endswith(FILE_SUFFIXES):
+            raise ValueError(
+                f"--output must be a .keras file or a preset directory, got {output!r} "
+                "(a weight-file suffix)."
+            )
+        if os.path.isdir(output) and os.listdir(output) and not overwrite:
+            raise ValueError(
+                f"--output {output} is a directory that is not empty; pass --overwrite to "
+                "replace the preset there (it is replaced only once the new one is complete)."
+            )
+        try:
+            check_preset_dir(output)
+        except ValueError as error:
+            raise ValueError(f"--output {error}") from None
+    else:
+        if os.path.isdir(output):
+            raise ValueError(f"--output {output} is a directory; give the .keras file to write.")
+        if os.path.lexists(output) and not overwrite:
+            raise ValueError(
+                f"--output {output} exists already; pass --overwrite to replace it "
+                "(it is replaced only once the new file is complete)."
+            )
     folder = _existing_ancestor(output)
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write --output {output}: {folder} is a file, not a folder.")
@@ -96,9 +136,11 @@ def check_output(output, overwrite=False):
 
 
 def save_model(model, output):
-    """Writes `model` to `output` through a partial file, creating missing folders.
+    """Writes `model` to `output` (a `.keras` file or a preset), creating missing folders.
 
-    A failure (a full disk, a kill) leaves no partial file and no folder this created.
+    A `.keras` file is written as a partial file, then renamed; a preset in a
+    sibling directory, then moved (`save_to_preset`). A failure (a full
+    disk, a kill) leaves no partial output and no folder this created.
     """
     created, folder = [], os.path.dirname(os.path.abspath(output))
     while not os.path.exists(folder):
@@ -108,8 +150,11 @@ def save_model(model, output):
     try:
         for folder in reversed(created):
             os.mkdir(folder)
-        model.save(partial)
-        os.replace(partial, output)
+        if is_preset_output(output):
+            model.save_to_preset(output)
+        else:
+            model.save(partial)
+            os.replace(partial, output)
     except OSError as error:
         raise ValueError(
             f"cannot write --output {output}: {error.strerror or error}; nothing was written."
@@ -141,7 +186,8 @@ def run(args):
         check_output(args.output, args.overwrite)
         model = convert_lerobot(args)
     save_model(model, args.output)
-    print(f"wrote {args.output} ({model.count_params():,} parameters)")
+    kind = "keras-hub preset, " if is_preset_output(args.output) else ""
+    print(f"wrote {args.output} ({kind}{model.count_params():,} parameters)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Importing openpi checkpoints."""
+"""Importing openpi, LeRobot and keras-hub PaliGemma weights; exporting openpi and LeRobot ones."""
 
 import math
 import numbers
@@ -9,6 +9,11 @@ from keras_openpi.convert.openpi_export import export_openpi
 from keras_openpi.convert.openpi_export import to_openpi_params
 from keras_openpi.convert.openpi_lora import openpi_lora_config
 from keras_openpi.convert.openpi_params import load_openpi_params
+from keras_openpi.convert.paligemma import load_paligemma_weights
+from keras_openpi.convert.paligemma import pi0_config_from_paligemma
+from keras_openpi.convert.paligemma import pi0_fast_from_paligemma
+from keras_openpi.convert.paligemma import pi0_from_paligemma
+from keras_openpi.convert.paligemma import policy_from_paligemma
 from keras_openpi.convert.pi0_fast_weights import PI0_FAST_EXPERTS
 from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
 from keras_openpi.convert.pi0_fast_weights import openpi_model_type
@@ -189,12 +194,17 @@ __all__ = [
     "to_openpi_params",
     "pi0_from_lerobot",
     "load_openpi_params",
+    "load_paligemma_weights",
     "load_pi0_fast_weights",
     "load_pi0_weights",
     "openpi_lora_config",
     "openpi_model_type",
     "pi0_config_from_params",
+    "pi0_config_from_paligemma",
     "pi0_fast_config_from_params",
     "pi0_fast_from_openpi",
+    "pi0_fast_from_paligemma",
     "pi0_from_openpi",
+    "pi0_from_paligemma",
+    "policy_from_paligemma",
 ]

@@ -31,6 +31,8 @@ with `attention_norm`, `attention` (its `query_dense`, `key_dense`,
 `feed_forward` (`gate`, `up`, `down`); `final_norms[0]`).
 """
 
+import os
+
 import numpy as np
 
 from keras_openpi.layers.rms_norm import EPSILON as RMS_NORM_EPSILON
@@ -268,36 +270,65 @@ def load_paligemma_weights(model, backbone):
         target.assign(value.astype(target.dtype))
 
 
-def pi0_from_paligemma(backbone, action_expert_variant="gemma_300m", **kwargs):
-    """A `Pi0` whose VLM and vision tower are a keras-hub PaliGemma's, as openpi starts π0.
+_FUNCTIONS = {"Pi0": "pi0_from_paligemma", "Pi0Fast": "pi0_fast_from_paligemma"}
+
+
+def policy_from_paligemma(model_class, backbone, **kwargs):
+    """A policy whose VLM and vision tower are a keras-hub PaliGemma's, as openpi starts π0.
 
     Args:
+        model_class: `keras_openpi.models.Pi0` or `Pi0Fast`.
         backbone: a `keras_hub.models.PaliGemmaBackbone`, or a preset to load
             one from (`keras_hub.models.PaliGemmaBackbone.from_preset`: a local
             directory, `kaggle://`, `hf://`, or a keras-hub name such as
-            `pali_gemma_3b_224`, which downloads).
-        action_expert_variant: the action expert (openpi: `gemma_300m`); its
-            depth, heads and head dim must be the backbone's.
-        **kwargs: more `Pi0` arguments (`action_dim`, `action_horizon`,
-            `pi05`, `image_keys`, `dtype`, ...); not the ones the backbone
-            fixes (`pi0_config_from_paligemma`).
+            `pali_gemma_3b_224`, which downloads), loaded in Keras' default dtype.
+        **kwargs: more `model_class` arguments (`action_dim`, `action_horizon`,
+            `dtype`, ...; π0: `action_expert_variant`, `pi05`); not the ones
+            the backbone fixes (`pi0_config_from_paligemma`).
 
     Returns:
-        a `keras_openpi.models.Pi0` with the backbone's VLM and vision weights
-        and a freshly initialized action expert and projections.
-    """
-    from keras_openpi.models import Pi0
+        a `model_class` instance with the backbone's VLM and vision weights and,
+        for π0, a freshly initialized action expert and projections.
 
-    if isinstance(backbone, str):
+    Raises:
+        ValueError: an argument the backbone fixes, a backbone option π0
+            does not compute, or a weight of another shape.
+    """
+    if isinstance(backbone, (str, os.PathLike)):
         import keras_hub
 
-        backbone = keras_hub.models.PaliGemmaBackbone.from_preset(backbone)
+        backbone = keras_hub.models.PaliGemmaBackbone.from_preset(os.fspath(backbone))
     config = pi0_config_from_paligemma(backbone)
     fixed = sorted(set(config) & set(kwargs))
     if fixed:
         raise ValueError(
-            f"{fixed} come from the PaliGemma backbone; do not pass them to pi0_from_paligemma."
+            f"{fixed} come from the PaliGemma backbone; do not pass them to "
+            f"{_FUNCTIONS[model_class.__name__]}."
         )
-    model = Pi0(**config, action_expert_variant=action_expert_variant, **kwargs)
+    model = model_class(**config, **kwargs)
     load_paligemma_weights(model, backbone)
     return model
+
+
+def pi0_from_paligemma(backbone, action_expert_variant="gemma_300m", **kwargs):
+    """A `Pi0` (π0 or, with `pi05=True`, π0.5) started from a keras-hub PaliGemma.
+
+    See `policy_from_paligemma`. The action expert
+    (openpi: `gemma_300m`) must have the backbone's depth, heads and head dim.
+    """
+    from keras_openpi.models import Pi0
+
+    return policy_from_paligemma(
+        Pi0, backbone, action_expert_variant=action_expert_variant, **kwargs
+    )
+
+
+def pi0_fast_from_paligemma(backbone, **kwargs):
+    """A `Pi0Fast` started from a keras-hub PaliGemma (π0-FAST is PaliGemma itself).
+
+    See `policy_from_paligemma`. Every weight is
+    the PaliGemma's.
+    """
+    from keras_openpi.models import Pi0Fast
+
+    return policy_from_paligemma(Pi0Fast, backbone, **kwargs)

@@ -10,6 +10,7 @@ from keras_openpi.layers.image_augmentation import ImageAugmentation
 from keras_openpi.layers.siglip import SigLIPEncoder
 from keras_openpi.models.observation import prepare_images
 from keras_openpi.models.observation import prepare_prompt
+from keras_openpi.models.preset_io import PresetMixin
 from keras_openpi.models.variants import resolve_gemma_variant
 from keras_openpi.models.variants import resolve_siglip_variant
 
@@ -18,7 +19,7 @@ OPENPI_VLM_LORA_RANK = 16
 OPENPI_ACTION_EXPERT_LORA_RANK = 32
 
 
-class PaliGemmaPolicy(FinetuningMixin, StepLogsMixin, keras.Model):
+class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
     """A PaliGemma-based vision-language-action policy: SigLIP, a Gemma with its experts.
 
     The base of `Pi0` (π0 and π0.5) and `Pi0Fast`. It owns the layers they
@@ -42,7 +43,9 @@ class PaliGemmaPolicy(FinetuningMixin, StepLogsMixin, keras.Model):
       model was trained).
     - the fine-tuning declarations: `finetuning_groups()` (`vision`, `vlm`,
       one group per action expert, `projections`), `default_lora_targets()`,
-      `remat_layers()`, `row_chunked_layers()`.
+      `remat_layers()`, `row_chunked_layers()`;
+    - keras-hub presets (`PresetMixin`): `save_to_preset(dir)`,
+      `from_preset(dir_or_handle)`.
 
     Subclasses build their heads after calling this constructor, then call
     `self.build()` and `self.enable_sequencing(layer_sequencing_default())`.

@@ -4,6 +4,7 @@ import pathlib
 
 import keras
 
+from keras_openpi.tokenizers.fast_prompt import FAST_DIRECTORY
 from keras_openpi.tokenizers.fast_prompt import SENTENCEPIECE_FILE
 from keras_openpi.tokenizers.fast_prompt import FASTPromptTokenizer
 
@@ -18,6 +19,9 @@ class FASTPromptTokenizerLayer(keras.layers.Layer):
     (`fast/`, the released processor's format); `get_config` holds
     `max_len` and `skip_tokens`. A model saved without a tokenizer reloads
     without one. (`.weights.h5` files and checkpoints hold weights only.)
+    In a keras-hub preset the same files are `assets/tokenizer/` and the
+    config `tokenizer.json` (keras-hub's saver writes them; its loader calls
+    `load_preset_assets`).
 
     Args:
         tokenizer: a `FASTPromptTokenizer`, or None.
@@ -75,6 +79,29 @@ class FASTPromptTokenizerLayer(keras.layers.Layer):
     def load_assets(self, dir_path):
         if (pathlib.Path(dir_path) / SENTENCEPIECE_FILE).is_file():
             self.tokenizer = FASTPromptTokenizer.load(dir_path, self.max_len, self.skip_tokens)
+
+    # The files `load_assets` reads (`FASTPromptTokenizer.save` writes more).
+    file_assets = (
+        SENTENCEPIECE_FILE,
+        f"{FAST_DIRECTORY}/processor_config.json",
+        f"{FAST_DIRECTORY}/tokenizer.json",
+    )
+
+    def load_preset_assets(self, preset):
+        """Reads the tokenizer from a keras-hub preset's `assets/tokenizer/`, as keras-hub's tokenizers do.
+
+        Args:
+            preset: a preset directory or keras-hub handle; remote files are
+                downloaded (and cached) by keras-hub's resolver.
+
+        Raises:
+            FileNotFoundError: (keras-hub's) the preset lacks one of `file_assets`.
+        """
+        from keras_hub.src.utils.preset_utils import TOKENIZER_ASSET_DIR
+        from keras_hub.src.utils.preset_utils import get_file
+
+        paths = [get_file(preset, f"{TOKENIZER_ASSET_DIR}/{name}") for name in self.file_assets]
+        self.load_assets(pathlib.Path(paths[0]).parent)
 
     def get_config(self):
         return {**super().get_config(), "max_len": self.max_len, "skip_tokens": self.skip_tokens}
