@@ -10,6 +10,18 @@ EMA weights. `optimizer.npz` pins the optimizer alone (optax through openpi's
 `create_optimizer`, given gradients), where the only differences are float32
 roundings.
 
+Cases: full fine-tuning of π0 and π0.5, and openpi's LoRA fine-tuning of π0
+(`pi0_lora`: its `*_lora` Gemma variants, rank 4 here). For LoRA the model is
+the `--keep-lora` import of the openpi LoRA checkpoint (openpi's form,
+adapters unmerged, everything of the Gemma but the adapters frozen as openpi's
+`get_freeze_filter`), with its frozen weights cast to bfloat16 as openpi's
+`init_train_state` holds them (`cast_frozen_to`); compute stays float32. The
+trainable set must be openpi's (adapters, SigLIP, projections) and the frozen
+weights must end bit-equal to openpi's bfloat16 ones. openpi's step ran
+compiled (`jax.jit`, as in its training loop): run eagerly, jax would round
+every intermediate computed from a bfloat16 weight to bfloat16 (the step-0
+loss moves by 3e-4), which openpi's compiled training does not do.
+
 Measures:
 - gradients, per Keras weight (a slice of an openpi parameter) with reference
   gradient `g_ref` and ours `g`: `max|g - g_ref| / max|g_ref|` <= 1e-5. The
@@ -20,6 +32,9 @@ Measures:
   (they add the same amount to every logit of a query, which the softmax
   removes). The test asserts that these, and only these, are that group;
 - weights after 3 steps and EMA weights: `max|w - w_ref|` <= 1e-5 per weight;
+- LoRA (no EMA in openpi's LoRA configs): the same bounds for the adapters'
+  and the other trainable weights' gradients and weights, frozen weights
+  exact;
 - the EMA: keras_openpi's average starts at the initial weights and follows
   openpi's rule `ema = 0.99 * ema + 0.01 * new` at every step, applied to
   keras_openpi's own weights of that step (within 1 float32 ulp of the larger
@@ -41,6 +56,7 @@ import numpy as np
 import pytest
 
 from keras_openpi.convert import pi0_from_openpi
+from keras_openpi.convert.openpi_lora import lora_weight_map
 from keras_openpi.convert.pi0_weights import pi0_weight_map
 from keras_openpi.training import OptimizerConfig
 from keras_openpi.training import get_config
@@ -93,10 +109,12 @@ def relative_path(model, variable):
     return variable.path[len(model.name) + 1 :]
 
 
-def openpi_view(model):
-    """`{Keras path: (openpi path, select)}` for every trainable weight."""
-    paths = {relative_path(model, v) for v in model.trainable_variables}
-    view = {k: (p, select) for p, k, select in pi0_weight_map(model) if k in paths}
+def openpi_view(model, variables):
+    """`{Keras path: (openpi path, select)}` for the given weights (LoRA adapters included)."""
+    paths = {relative_path(model, v) for v in variables}
+    entries = pi0_weight_map(model)
+    entries += lora_weight_map(entries)
+    view = {k: (p, select) for p, k, select in entries if k in paths}
     assert set(view) == paths
     return view
 
@@ -112,7 +130,7 @@ def errors(values, reference, view, prefix):
     return out
 
 
-@pytest.fixture(scope="module", params=["pi0", "pi05"])
+@pytest.fixture(scope="module", params=["pi0", "pi05", "pi0_lora"])
 def run(request, openpi_fixture):
     """Builds the fixture's model, takes its gradients, trains it 3 steps; returns what to compare."""
     import jax
@@ -126,7 +144,10 @@ def run(request, openpi_fixture):
         action_horizon=meta["action_horizon"],
         max_token_len=meta["max_token_len"],
         model="pi05" if meta["pi05"] else "pi0",
+        keep_lora=meta["lora"],  # openpi's form, frozen as openpi's `*_lora` variants
     )
+    if meta["lora"]:
+        assert model.cast_frozen_to("bfloat16") > 0  # as openpi's `init_train_state`
     assert not model.augment and not meta["augmentation"]
     drive_noise_and_time(model)
     config = train_config(meta["schedule"], meta["optimizer"], meta["ema_decay"])
@@ -162,15 +183,16 @@ def run(request, openpi_fixture):
         pairs = ema_pairs(model.optimizer)
         return {relative_path(model, v): keras.ops.convert_to_numpy(a) for v, a in pairs}
 
+    frozen = {relative_path(model, v): v for v in model.non_trainable_weights}  # no seed states
     steps, ema_steps, logs = [weights()], [averages()], []
     for batch in batches:
         logs.append(model.train_on_batch(batch, actions, return_dict=True))
         steps.append(weights())
         ema_steps.append(averages())
     return dict(
-        name=name, meta=meta, model=model, view=openpi_view(model), reference=reference,
-        loss=float(loss), grads=dict(zip(paths, (np.asarray(g) for g in grads))),
-        logs=logs, steps=steps, ema_steps=ema_steps,
+        name=name, meta=meta, model=model, view=openpi_view(model, model.trainable_variables),
+        reference=reference, loss=float(loss), grads=dict(zip(paths, (np.asarray(g) for g in grads))),
+        logs=logs, steps=steps, ema_steps=ema_steps, frozen=frozen,
     )
 
 
@@ -182,13 +204,18 @@ def test_loss_and_gradients(run):
     largest = max(ref for _, ref in found.values())
     zero = {k for k, (_, ref) in found.items() if ref <= ZERO_GRADIENT * largest}
     last = f"gemma/decoder_block_{model.gemma.depth - 1}/vlm"
-    expected_zero = {
-        f"{last}/attention/query/kernel", f"{last}/attention/output/kernel",
-        f"{last}/pre_feed_forward_norm/scale", f"{last}/feed_forward/gate/kernel",
-        f"{last}/feed_forward/up/kernel", f"{last}/feed_forward/down/kernel",
-        "gemma/vlm_final_norm/scale",
-        *(f"vision_encoder/encoder_block_{j}/attention/key/bias"
-          for j in range(len(model.vision_encoder.blocks))),
+    after_keys_and_values = [
+        f"{last}/{layer}" for layer in ("attention/query", "attention/output", "feed_forward/gate",
+                                        "feed_forward/up", "feed_forward/down")
+    ]
+    if run["meta"]["lora"]:  # the adapters of those layers (the norms are frozen)
+        expected_zero = {f"{p}/lora_kernel_{k}" for p in after_keys_and_values for k in "ab"}
+    else:
+        expected_zero = {f"{p}/kernel" for p in after_keys_and_values}
+        expected_zero |= {f"{last}/pre_feed_forward_norm/scale", "gemma/vlm_final_norm/scale"}
+    expected_zero |= {
+        f"vision_encoder/encoder_block_{j}/attention/key/bias"
+        for j in range(len(model.vision_encoder.blocks))
     }
     assert zero == expected_zero
     for path in zero:
@@ -217,8 +244,34 @@ def test_step_logs(run):
 
 
 @pytest.mark.slow
+def test_trainable_and_frozen_weights_are_openpis(run):
+    """openpi's trainable set (what its optimizer sees) and its frozen weights, bit for bit, after 3 steps."""
+    reference, model = run["reference"], run["model"]
+    trainable = {openpi for openpi, _ in run["view"].values()}
+    assert trainable == {k[len("grads/") :] for k in reference if k.startswith("grads/")}
+    frozen = run["frozen"]
+    if not run["meta"]["lora"]:
+        assert not frozen
+        return
+    assert all(k.startswith("gemma/") for k in frozen)
+    adapters = [k for k in run["view"] if k.rsplit("/", 1)[-1] in ("lora_kernel_a", "lora_kernel_b")]
+    assert len(adapters) == 2 * 7 * 2 * model.gemma.depth  # 7 adapted maps per layer and expert
+    params = load(f"{run['name']}_params")
+    view = openpi_view(model, frozen.values())
+    assert {p for p, _ in view.values()} | trainable == {k[len("params/") :] for k in params}
+    for path, variable in frozen.items():
+        assert keras.backend.standardize_dtype(variable.dtype) == "bfloat16", path
+        openpi_path, select = view[path]
+        value = keras.ops.convert_to_numpy(keras.ops.cast(variable.value, "float32"))
+        np.testing.assert_array_equal(value, select(params[f"params/{openpi_path}"]), err_msg=path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["params", "ema"])
 def test_weights_after_three_steps(run, kind):
+    if kind == "ema" and run["meta"]["ema_decay"] is None:  # openpi's LoRA configs
+        assert not run["ema_steps"][-1] and not (FIXTURES / f"{run['name']}_ema.npz").exists()
+        return
     values = (run["steps"] if kind == "params" else run["ema_steps"])[-1]
     assert set(values) == set(run["view"])
     found = errors(values, load(f"{run['name']}_{kind}"), run["view"], kind)
@@ -232,6 +285,9 @@ def test_weights_after_three_steps(run, kind):
 def test_ema_follows_openpis_rule(run):
     """openpi's `train_step`: `ema = d * ema + (1 - d) * new_params`, `ema` starting at the initial weights."""
     decay = run["meta"]["ema_decay"]
+    if decay is None:  # openpi's LoRA configs: no average kept
+        assert not any(run["ema_steps"])
+        return
     d, rest = np.float32(decay), np.float32(1 - decay)  # as Python floats meet float32 arrays in jax
     steps, ema_steps = run["steps"], run["ema_steps"]
     assert set(ema_steps[0]) == set(steps[0])
