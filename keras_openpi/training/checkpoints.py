@@ -25,6 +25,7 @@ from keras_openpi.checkpoint_format import ASSETS_DIR
 from keras_openpi.checkpoint_format import EMA_FILE
 from keras_openpi.checkpoint_format import FORMAT
 from keras_openpi.checkpoint_format import MANIFEST_FILE
+from keras_openpi.checkpoint_format import MODEL_ASSETS_DIR
 from keras_openpi.checkpoint_format import MODEL_FILE
 from keras_openpi.checkpoint_format import OPTIMIZER_FILE
 from keras_openpi.checkpoint_format import STATE_FILE
@@ -39,6 +40,7 @@ from keras_openpi.checkpoint_format import load_checkpoint_model  # noqa: F401 (
 from keras_openpi.checkpoint_format import manifest_files
 from keras_openpi.checkpoint_format import read_arrays
 from keras_openpi.checkpoint_format import read_state
+from keras_openpi.checkpoint_format import save_model_assets
 from keras_openpi.checkpoint_format import write_arrays
 from keras_openpi.checkpoint_format import write_manifest
 from keras_openpi.checkpoint_format import write_text
@@ -238,6 +240,8 @@ class CheckpointManager:
             partial.mkdir()
             path = partial / MODEL_FILE
             write_text(path, json.dumps(model_spec(model), indent=1))
+            path = partial / MODEL_ASSETS_DIR
+            save_model_assets(model, path)
             for name, values in arrays.items():
                 if values or name == WEIGHTS_FILE:
                     path = partial / name
