@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from keras_openpi.data.lerobot import LeRobotDataset  # noqa: E402
 from keras_openpi.data.lerobot_writer import write_lerobot_dataset  # noqa: E402
 from keras_openpi.data.loader import DataLoader  # noqa: E402
-from keras_openpi.data.normalize import compute_norm_stats  # noqa: E402
+from keras_openpi.data.running_stats import compute_norm_stats  # noqa: E402
 from keras_openpi.data.pipeline import build_transforms  # noqa: E402
 from keras_openpi.data.pipeline import model_transforms  # noqa: E402
 from keras_openpi.data.procedural_source import LEROBOT_REPACK  # noqa: E402

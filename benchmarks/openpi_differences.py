@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 
 from keras_openpi.data.image_tools import to_uint8_hwc
-from keras_openpi.data.normalize import compute_norm_stats
+from keras_openpi.data.running_stats import compute_norm_stats
 from keras_openpi.data.normalize import normalize
 from keras_openpi.data.transforms import PadStatesAndActions
 

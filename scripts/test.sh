@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a fresh machine, then runs them.
-#   .venv         keras_openpi with its test extra
-#   .venv-client  openpi's own client (openpi-client from PyPI pins numpy<2, so it lives apart)
-#   .venv-sim     the ALOHA simulator and openpi's client (examples/aloha_sim/setup.sh)
-#   .venv-lerobot LeRobot 0.6.1 on PyTorch CPU, for the LeRobot import/export tests (scripts/lerobot_venv.sh)
+#   .venv            keras_openpi with its test extra
+#   .venv-client     openpi's own client (openpi-client from PyPI pins numpy<2, so it lives apart)
+#   .venv-sim        the ALOHA simulator and openpi's client (examples/aloha_sim/setup.sh)
+#   .venv-lerobot    LeRobot 0.6.1 on PyTorch CPU, for the LeRobot import/export tests (scripts/lerobot_venv.sh)
+#   .venv-metaworld  MetaWorld and openpi's client (examples/metaworld/setup.sh)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,6 @@ fi
 # Debian when missing) for tests/test_aloha_sim.py.
 PYTHON="$PYTHON" bash examples/aloha_sim/setup.sh
 PYTHON="$PYTHON" bash scripts/lerobot_venv.sh
-exec .venv/bin/python -m pytest -q "$@"
+# MetaWorld (MuJoCo 3.3.0) in .venv-metaworld for tests/test_metaworld.py.
+PYTHON="$PYTHON" bash examples/metaworld/setup.sh
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

@@ -13,7 +13,7 @@ from keras_openpi import cli
 from keras_openpi.data.lerobot import LeRobotDataset
 from keras_openpi.data.lerobot_writer import write_lerobot_dataset
 from keras_openpi.data.normalize import NormStats
-from keras_openpi.data.normalize import compute_norm_stats
+from keras_openpi.data.running_stats import compute_norm_stats
 from keras_openpi.data.normalize import load_norm_stats
 from keras_openpi.data.normalize import norm_stats_from_json
 from keras_openpi.data.npz_source import NpzSamples

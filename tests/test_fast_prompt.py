@@ -23,9 +23,9 @@ SENTENCES = [
 
 
 def train_sentencepiece(with_locations):
-    """A tiny model laid out like PaliGemma's: pad 0, eos 1, bos 2, unk 3, no dummy prefix, and
-    (with_locations) 320 `<loc>` then 128 `<seg>` user-defined pieces at the top of the vocabulary,
-    where openpi puts the action tokens."""
+    """A tiny model laid out like PaliGemma's: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3, no
+    dummy prefix, and (with_locations) 320 `<loc>` then 128 `<seg>` user-defined pieces at the
+    top of the vocabulary, where openpi puts the action tokens."""
     proto = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(SENTENCES),
@@ -36,6 +36,10 @@ def train_sentencepiece(with_locations):
         eos_id=1,
         bos_id=2,
         unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         byte_fallback=True,
         user_defined_symbols=["\n"],
         character_coverage=1.0,
@@ -182,3 +186,39 @@ def test_fast_directory_and_pickling(model_path, fast, chunk, tmp_path):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="'state' must have shape \\(s,\\), got shape \\(2, 2\\)"):
         tokenizer.tokenize("x", np.zeros((2, 2)))
+
+
+def test_ids_equal_keras_hub_paligemma_tokenizer_on_a_corpus(model_path, fast, chunk):
+    """Prefix and postfix over keras-hub's raw ids, laid out as openpi's `FASTTokenizer`."""
+    keras_hub = pytest.importorskip("keras_hub")
+    from test_tokenizer import CORPUS
+    from test_tokenizer import STATES
+
+    hub = keras_hub.models.PaliGemmaTokenizer(proto=str(model_path))
+
+    def ids(text):
+        return np.asarray(hub.tokenize(text)).tolist()
+
+    vocab = hub.vocabulary_size()
+    actions = [vocab - 1 - 128 - i for i in fast.encode(chunk)]
+    postfix = ids("Action: ") + actions + ids("|") + [hub.end_token_id]
+    for max_len in (40, 250):
+        tokenizer = FASTPromptTokenizer(model_path, fast, max_len=max_len)
+        for state in STATES[1:]:
+            for prompt in CORPUS:
+                cleaned = prompt.lower().strip().replace("_", " ")
+                bins = np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1
+                bins = " ".join(str(b) for b in bins)
+                prefix = [hub.start_token_id] + ids(f"Task: {cleaned}, State: {bins};\n")
+                for with_actions in (False, True):
+                    sequence = prefix + (postfix if with_actions else [])
+                    ar = [0] * len(prefix) + [1] * (len(sequence) - len(prefix))
+                    n = min(len(sequence), max_len)
+                    tokens, token_mask, ar_mask, loss_mask = tokenizer.tokenize(
+                        prompt, state, chunk if with_actions else None
+                    )
+                    assert tokens.tolist() == sequence[:n] + [0] * (max_len - n), prompt
+                    assert token_mask.tolist() == [True] * n + [False] * (max_len - n)
+                    assert ar_mask.tolist() == ar[:n] + [0] * (max_len - n)
+                    loss = [bool(a) for a in ar[:n]]
+                    assert loss_mask.tolist() == loss + [False] * (max_len - n)

@@ -26,8 +26,6 @@ PRIVATE_NAMES = (
     "_non_trainable_variables",
     "_model_variables_moving_average",
 )
-# Outside the model-side files of this change; they move onto `keras_private` with the trainer.
-NOT_MOVED_YET = ["training/ema.py"]
 
 
 def test_only_one_module_touches_keras_private_api():
@@ -37,7 +35,7 @@ def test_only_one_module_touches_keras_private_api():
         for path in PACKAGE.rglob("*.py")
         if pattern.search(path.read_text())
     )
-    assert users == sorted(["backend/keras_private.py", *NOT_MOVED_YET])
+    assert users == ["backend/keras_private.py"]
 
 
 def test_current_value_reads_the_stateless_scope_without_autocast():

@@ -8,8 +8,8 @@ import pytest
 
 from keras_openpi import cli
 from keras_openpi.data.normalize import NormStats
-from keras_openpi.data.normalize import RunningStats
-from keras_openpi.data.normalize import compute_norm_stats
+from keras_openpi.data.running_stats import RunningStats
+from keras_openpi.data.running_stats import compute_norm_stats
 from keras_openpi.data.normalize import load_norm_stats
 from keras_openpi.data.normalize import norm_stats_from_json
 from keras_openpi.data.normalize import norm_stats_to_json

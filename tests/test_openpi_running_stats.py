@@ -14,8 +14,8 @@ from openpi_quantile_cases import cases
 from openpi_quantile_cases import robot_like
 
 from keras_openpi import cli
-from keras_openpi.data.normalize import RunningStats
-from keras_openpi.data.normalize import compute_norm_stats
+from keras_openpi.data.running_stats import RunningStats
+from keras_openpi.data.running_stats import compute_norm_stats
 from keras_openpi.data.normalize import load_norm_stats
 from keras_openpi.data.openpi_running_stats import OpenpiRunningStats
 

@@ -226,7 +226,7 @@ def test_raw_robot_and_registry():
         RawInputs()({"image": {"a": np.zeros((2, 2, 3), np.uint8)}})
     with pytest.raises(
         ValueError,
-        match="unknown robot 'ur5'; choose one of \\('aloha', 'droid', 'libero', 'raw'\\)",
+        match="unknown robot 'ur5'; choose one of \\('aloha', 'droid', 'libero', 'metaworld', 'raw'\\)",
     ):
         get_robot("ur5")
     with pytest.raises(ValueError, match="robot 'raw' has no delta-action mask"):

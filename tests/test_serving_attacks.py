@@ -22,12 +22,15 @@ from keras_openpi.data.normalize import NormStats
 from keras_openpi.data.normalize import load_norm_stats
 from keras_openpi.data.robots.aloha import make_aloha_example
 from keras_openpi.data.robots.droid import make_droid_example
+from keras_openpi.data.robots import ROBOTS
 from keras_openpi.data.robots.libero import make_libero_example
+from keras_openpi.data.robots.metaworld import make_metaworld_example
 from keras_openpi.data.transforms import Unnormalize
 from keras_openpi.serving.model_inputs import ModelInputs
 from keras_openpi.serving.model_inputs import value_limit
 from keras_openpi.serving.policy import NonFiniteActions
 from keras_openpi.serving.prompt import resolve_tokenizer
+from keras_openpi.serving.robots import REQUEST_SPECS
 from keras_openpi.serving.robots import robot_transforms
 
 IMAGE = "'image/base_0_rgb' must be one RGB image, \\(h, w, 3\\) or \\(3, h, w\\), uint8 or float"
@@ -314,8 +317,35 @@ ROBOT_CASES = {
         np.float32(1),
         "'state' must be a numeric array of rank 1, got float32 scalar",
     ),
+    "metaworld_state": (
+        "metaworld",
+        "observation/state",
+        np.float32(1),
+        "'observation/state' must be a numeric array of rank 1, got float32 scalar",
+    ),
+    "metaworld_image": (
+        "metaworld",
+        "observation/image",
+        np.zeros((64, 0, 3), np.uint8),
+        "'observation/image' must be one RGB image.*got an empty uint8 array",
+    ),
 }
-EXAMPLES = {"aloha": make_aloha_example, "droid": make_droid_example, "libero": make_libero_example}
+EXAMPLES = {
+    "aloha": make_aloha_example,
+    "droid": make_droid_example,
+    "libero": make_libero_example,
+    "metaworld": make_metaworld_example,
+}
+
+
+def test_every_robot_has_a_request_spec():
+    assert sorted(REQUEST_SPECS) == sorted(ROBOTS)
+
+
+def test_a_metaworld_request_is_served(model):
+    actions = policy_for(model, robot="metaworld").infer(make_metaworld_example())["actions"]
+    assert actions.shape == (model.action_horizon, 4)
+    assert np.isfinite(actions).all()
 
 
 @pytest.mark.parametrize("case", sorted(ROBOT_CASES))

@@ -23,7 +23,7 @@ from keras_openpi.training import checkpoints
 from keras_openpi.training import export_policy
 from keras_openpi.training import load_checkpoint_model
 from keras_openpi.training import read_metrics
-from keras_openpi.training.ema import ema_weights
+from keras_openpi.backend.keras_private import ema_pairs
 from keras_openpi.training.tensorboard import crc32c
 from keras_openpi.training.tensorboard import read_tfrecords
 from training_support import TINY_MODEL
@@ -135,7 +135,7 @@ def test_round_trip_keeps_lora_adapters_bf16_frozen_weights_ema_and_rng(tmp_path
 
     # For serving: the model rebuilt from the checkpoint, with the EMA weights where they exist.
     served = load_checkpoint_model(tmp_path)
-    ema = {v.path: np.asarray(a.numpy()) for v, a in ema_weights(saved.optimizer)}
+    ema = {v.path: np.asarray(a.numpy()) for v, a in ema_pairs(saved.optimizer)}
     values = {v.path: np.asarray(v.numpy()) for v in saved.variables}
     assert ema and set(ema) < set(values)
     for variable in served.variables:

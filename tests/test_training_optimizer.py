@@ -9,7 +9,7 @@ import pytest
 from keras_openpi.training import AdamW
 from keras_openpi.training import WarmupCosineDecay
 from keras_openpi.training import get_config
-from keras_openpi.training.ema import ema_weights
+from keras_openpi.backend.keras_private import ema_pairs
 from keras_openpi.training.optimizer import make_optimizer
 
 
@@ -137,7 +137,7 @@ def test_ema_starts_at_the_initial_weights_as_openpi():
     variable = keras.Variable(initial)
     optimizer = AdamW(0.1, use_ema=True, ema_momentum=0.9, global_clipnorm=None, weight_decay=0.0)
     optimizer.build([variable])
-    (pair,) = ema_weights(optimizer)
+    (pair,) = ema_pairs(optimizer)
     np.testing.assert_array_equal(pair[1].numpy(), initial)  # openpi: ema_params = params at init
     ema = initial.astype(np.float64)
     for step in range(3):
@@ -164,7 +164,7 @@ def test_fit_ends_with_the_ema_weights():
     class Capture(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             raw["kernel"] = np.array(self.model.layers[0].kernel.numpy())
-            raw["average"] = np.array(ema_weights(self.model.optimizer)[0][1].numpy())
+            raw["average"] = np.array(ema_pairs(self.model.optimizer)[0][1].numpy())
 
     x = np.arange(8, dtype="float32").reshape(4, 2)
     model.fit(x, x[:, :1], batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[Capture()])

@@ -1,6 +1,6 @@
 """The one module that uses Keras' private API; tests/test_keras_private.py pins every use.
 
-Keras 3.15 offers no public way to do these four things, which the memory
+Keras 3.15 offers no public way to do these things, which the memory
 levers and the fine-tuning strategies need:
 
 - `current_value`: a variable's value in the enclosing `keras.StatelessScope`
@@ -13,6 +13,8 @@ levers and the fine-tuning strategies need:
 - `flatten_layers`: every layer nested in a layer (`Layer._flatten_layers`);
 - `ema_pairs`: an optimizer's EMA copies of the weights
   (`Optimizer._trainable_variables`, `_model_variables_moving_average`);
+- `OpenpiEMAMixin`: openpi's EMA start and update, by overriding the
+  optimizer's `build` and its `_update_model_variables_moving_average` hook;
 - `jitted_train_step`: the jitted JAX train step `fit` runs (the
   `step_function` closed over by `model.train_function`), to lower it.
 
@@ -125,6 +127,46 @@ def ema_pairs(optimizer):
         return []
     pairs = zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)
     return [(variable, average) for variable, average in pairs if average is not None]
+
+
+class OpenpiEMAMixin:
+    """Makes a Keras optimizer's EMA start at the initial weights, as openpi's does.
+
+    Keras optimizers keep an EMA of the trainable weights (`use_ema=True`,
+    `ema_momentum`) as optimizer variables, so it is threaded through the
+    compiled train step, sharded like its weight, and saved with the
+    optimizer state. Keras starts the average at the weights after the first
+    update (momentum 0 at step 0); openpi starts it at the initial weights.
+    With this mixin the average is set to the weights when the optimizer is
+    built and updated after every step as `average = d * average + (1 - d) *
+    weight`, `d = ema_momentum`. openpi averages every parameter, frozen ones
+    included; frozen weights never change, so averaging the trainable ones is
+    the same. Keras' end is kept: at the end of `fit` the model's trainable
+    weights are replaced by their average (`finalize_variable_values`), so
+    the model `fit` returns holds openpi's inference weights.
+
+    Example:
+    >>> class AdamW(OpenpiEMAMixin, keras.optimizers.AdamW): ...  # doctest: +SKIP
+    """
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        if self.use_ema:
+            for variable, average in zip(variables, self._model_variables_moving_average):
+                if average is not None:
+                    # A copy: on JAX the average and the weight must not share a buffer
+                    # (the train step donates both).
+                    average.assign(keras.ops.copy(variable.value))
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        if not self.use_ema:
+            return
+        decay = self.ema_momentum
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                average.assign(decay * average + (1.0 - decay) * variable)
 
 
 def jitted_train_step(model):

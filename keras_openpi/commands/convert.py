@@ -57,6 +57,12 @@ def add_parser(subparsers):
         default=1.0,
         help="openpi LoRA alpha/rank for checkpoints with adapters (merged)",
     )
+    parser.add_argument(
+        "--keep-lora",
+        action="store_true",
+        help="openpi only: keep the checkpoint's LoRA adapters unmerged, in openpi's form "
+        "(trainable, frozen as openpi's *_lora configs), to continue a LoRA run",
+    )
     parser.add_argument("--output", required=True, help="the .keras file to write")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing --output file"
@@ -138,6 +144,10 @@ def run(args):
         check_settings(flags=True, action_horizon=args.action_horizon)
     if args.source_format == "openpi":
         model = _convert_openpi(args)
+    elif args.keep_lora:
+        raise ValueError(
+            f"--keep-lora is for openpi checkpoints; a {args.source_format} checkpoint has no adapters."
+        )
     else:
         from keras_openpi.commands.convert_lerobot import convert_lerobot
 
@@ -185,6 +195,7 @@ def _convert_openpi(args):
             action_dim=args.action_dim,
             action_horizon=args.action_horizon,
             lora_scale=args.lora_scale,
+            keep_lora=args.keep_lora,
             **tokens,
         )
         return _carrying(model, tokenizer, args)
@@ -193,6 +204,7 @@ def _convert_openpi(args):
         action_horizon=args.action_horizon,
         model=args.model,
         lora_scale=args.lora_scale,
+        keep_lora=args.keep_lora,
         **tokens,
     )
 

@@ -9,7 +9,8 @@ def add_parser(subparsers):
     parser.add_argument("target_format", choices=["openpi", "lerobot"], help="checkpoint format to write")
     parser.add_argument(
         "model",
-        help="a .keras file or a training checkpoint directory (LoRA adapters are merged into the written weights)",
+        help="a .keras file or a training checkpoint directory (LoRA adapters are merged into the "
+        "written weights unless --keep-lora)",
     )
     parser.add_argument(
         "--output",
@@ -18,6 +19,11 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the written weights"
+    )
+    parser.add_argument(
+        "--keep-lora",
+        action="store_true",
+        help="openpi only: write openpi-form LoRA adapters unmerged as openpi's lora_a / lora_b weights",
     )
     return parser
 
@@ -31,13 +37,21 @@ def run(args):
 
     if os.path.exists(args.output):
         raise ValueError(f"--output {args.output!r} exists; choose a new directory.")
+    if args.keep_lora and args.target_format != "openpi":
+        raise ValueError("--keep-lora is for openpi exports; LeRobot's models have no LoRA weights.")
     model = checkpoint_format(args.model).load_model(args.model)
     try:
         if args.target_format == "openpi":
-            export_openpi(model, args.output, dtype=args.dtype)
+            export_openpi(model, args.output, dtype=args.dtype, keep_lora=args.keep_lora)
         else:
             export_lerobot(model, args.output, dtype=args.dtype)
     except FileExistsError as error:  # created meanwhile
         raise ValueError(str(error)) from None
     print(f"wrote {args.output} ({args.target_format}, {args.dtype})")
+    if args.keep_lora:
+        lora = ", ".join(
+            f"{group} LoRAConfig(rank={spec['rank']}, alpha={spec['alpha']:g})"
+            for group, spec in model.finetuning_state.lora.items()
+        )
+        print(f"LoRA kept unmerged; openpi restores it with {lora}")
     return 0

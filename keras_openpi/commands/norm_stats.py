@@ -132,10 +132,10 @@ def open_source(source, keys, shuffle=False, seed=0, action_horizon=None):
 
 
 def run(args):
-    from keras_openpi.data.normalize import compute_norm_stats
+    from keras_openpi.data.running_stats import compute_norm_stats
     from keras_openpi.data.normalize import save_norm_stats
 
-    from keras_openpi.data.normalize import OPENPI_BATCH_SIZE
+    from keras_openpi.data.running_stats import OPENPI_BATCH_SIZE
 
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError(f"--max-frames must be at least 2, got {args.max_frames}.")

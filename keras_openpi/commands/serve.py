@@ -42,7 +42,7 @@ def add_parser(subparsers):
     parser.add_argument(
         "--robot",
         default="raw",
-        choices=["aloha", "droid", "libero", "raw"],
+        choices=["aloha", "droid", "libero", "metaworld", "raw"],
         help="the robot's observation format (default raw: the model's own layout)",
     )
     parser.add_argument(

@@ -9,6 +9,9 @@ from keras_openpi.convert.pi0_weights import gemma_weight_map
 from keras_openpi.convert.pi0_weights import vision_config_from_params
 from keras_openpi.convert.pi0_weights import vision_weight_map
 
+# `(openpi suffix, Keras expert)` of π0-FAST's single Gemma.
+PI0_FAST_EXPERTS = (("", "vlm"),)
+
 
 def openpi_model_type(params):
     """`pi0_fast`, `pi05` or `pi0`, from which parameters an openpi checkpoint holds.
@@ -47,14 +50,15 @@ def pi0_fast_weight_map(model):
     openpi's π0-FAST Gemma has π0's expert-0 parameter names
     (`PaliGemma/llm/layers/attn/q_einsum/w`, ...), its SigLIP π0's.
     """
-    return gemma_weight_map(model.gemma, [("", "vlm")]) + vision_weight_map(model.vision_encoder)
+    return gemma_weight_map(model.gemma, PI0_FAST_EXPERTS) + vision_weight_map(model.vision_encoder)
 
 
 def load_pi0_fast_weights(model, params, lora_scale=1.0):
     """Assigns openpi π0-FAST parameters to a `Pi0Fast`, after checking all of them.
 
     openpi LoRA adapters (`gemma_2b_lora`) are merged into their base weights
-    first. A missing or misshapen weight raises a `ValueError` naming the
+    first, unless the model has adapters, which then take them unmerged (see
+    `assign_openpi_weights`). A missing or misshapen weight raises a `ValueError` naming the
     openpi path and the shapes, and leaves the model unchanged.
 
     Raises:

@@ -3,10 +3,13 @@
 import numpy as np
 
 from keras_openpi.convert.lora_merge import merge_openpi_lora
+from keras_openpi.convert.openpi_lora import lora_weight_map
 
 LLM = "PaliGemma/llm"
 IMG = "PaliGemma/img"
 BLOCK = f"{IMG}/Transformer/encoderblock"
+# `(openpi suffix, Keras expert)` of π0's two Gemma experts; expert 0 owns the token embedding.
+PI0_EXPERTS = (("", "vlm"), ("_1", "action_expert"))
 
 
 def _shape(params, key):
@@ -181,7 +184,7 @@ def pi0_weight_map(model):
     key/value or gate/up matrices). Keras paths omit the model's own name.
     adaRMS entries appear for both forms; only those the model has are used.
     """
-    entries = gemma_weight_map(model.gemma, [("", "vlm"), ("_1", "action_expert")])
+    entries = gemma_weight_map(model.gemma, PI0_EXPERTS)
     entries += vision_weight_map(model.vision_encoder)
 
     projections = ["action_in_proj", "action_out_proj"]
@@ -207,15 +210,17 @@ def _keras_variables(model):
 def load_pi0_weights(model, params, lora_scale=1.0):
     """Assigns openpi parameters to a `Pi0` model, after checking all of them.
 
-    openpi LoRA adapters in `params` are merged into their base weights first.
-    Every model weight must be found with the right shape; otherwise a
-    `ValueError` names the openpi path and both shapes, and the model is left
-    unchanged.
+    openpi LoRA adapters in `params` are merged into their base weights
+    first, unless the model has LoRA adapters (openpi's form, e.g. from
+    `enable_lora(..., form="openpi")`): those then take the checkpoint's
+    `lora_a` / `lora_b` arrays as they are. Every model weight must be found
+    with the right shape; otherwise a `ValueError` names the openpi path and
+    both shapes, and the model is left unchanged.
 
     Args:
         model: a built `keras_openpi.models.Pi0`.
         params: flat openpi parameter dict (see `load_openpi_params`).
-        lora_scale: openpi's LoRA `alpha / rank`.
+        lora_scale: openpi's LoRA `alpha / rank`, for a merge.
 
     Raises:
         ValueError: a weight missing, misshapen, or in the checkpoint but unused.
@@ -226,20 +231,27 @@ def load_pi0_weights(model, params, lora_scale=1.0):
 def assign_openpi_weights(model, params, entries, lora_scale=1.0):
     """Assigns openpi parameters to `model` through a weight map, after checking all of them.
 
+    A model with LoRA adapters takes the checkpoint's adapters unmerged
+    (`lora_weight_map` extends `entries`); a model without merges them
+    (`merge_openpi_lora`).
+
     Args:
         model: a built model.
         params: flat openpi parameter dict (see `load_openpi_params`).
         entries: `(openpi_path, keras_path, select)` for every model weight
             (entries naming weights the model lacks are skipped).
-        lora_scale: openpi's LoRA `alpha / rank`.
+        lora_scale: openpi's LoRA `alpha / rank`, for a merge.
 
     Raises:
         ValueError: an openpi weight missing or misshapen for the model, a
             model weight no entry fills, or a checkpoint weight no entry
             uses (another model's checkpoint); the model is then unchanged.
     """
-    params = merge_openpi_lora(params, lora_scale)
     variables = _keras_variables(model)
+    if any(v.name.startswith("lora_kernel") for v in variables.values()):
+        entries = list(entries) + lora_weight_map(entries)
+    else:
+        params = merge_openpi_lora(params, lora_scale)
     values, used = {}, set()
     for openpi_path, keras_path, select in entries:
         if keras_path not in variables:

@@ -3,6 +3,7 @@
 import numpy as np
 from keras import ops
 
+from keras_openpi.backend.keras_private import flatten_layers
 from keras_openpi.convert.pi0_weights import _keras_variables
 
 
@@ -48,33 +49,57 @@ def weight_slices(model, entries):
     return slices
 
 
-def merged_values(model):
-    """A function `variable -> numpy value`, with each LoRA adapter folded into its kernel.
-
-    The merge is `float32(kernel) + alpha / rank * A @ B`, stored in the kernel's
-    dtype, as `merge_adapters` computes it.
-
-    Raises:
-        ValueError: for an int8- or otherwise quantized model (dequantize or
-            export before quantizing).
-    """
-    adapted = {}
-    for layer in model._flatten_layers(include_self=False):
+def _check_float(model):
+    """Raises a `ValueError` for a model with a quantized layer; returns its adapted layers."""
+    adapted = []
+    for layer in flatten_layers(model, include_self=False):
         if getattr(layer, "quantization_mode", None):
             raise ValueError(
                 f"{layer.path!r} is quantized ({layer.quantization_mode}); export a model "
                 "with float weights (load the .keras file saved before quantizing)."
             )
         if getattr(layer, "lora_enabled", False):
-            adapted[id(layer._kernel)] = layer
+            adapted.append(layer)
+    return adapted
+
+
+def _numpy(value):
+    return np.asarray(ops.convert_to_numpy(value))
+
+
+def merged_values(model):
+    """A function `variable -> numpy value`, with each LoRA adapter folded into its kernel.
+
+    The merge is `float32(kernel) + layer.lora_delta()` (the scaled update of
+    either LoRA form), stored in the kernel's dtype, as `merge_adapters`
+    computes it.
+
+    Raises:
+        ValueError: for an int8- or otherwise quantized model (dequantize or
+            export before quantizing).
+    """
+    adapted = {
+        id(variable): layer
+        for layer in _check_float(model)
+        for variable in layer.weights
+        if variable.name == "kernel"
+    }
 
     def value(variable):
         layer = adapted.get(id(variable))
         if layer is None:
-            return np.asarray(ops.convert_to_numpy(variable.value))
-        scale = layer.lora_alpha / layer.lora_rank
-        delta = scale * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
-        merged = ops.cast(ops.cast(variable.value, "float32") + delta, variable.dtype)
-        return np.asarray(ops.convert_to_numpy(merged))
+            return _numpy(variable.value)
+        merged = ops.cast(ops.cast(variable.value, "float32") + layer.lora_delta(), variable.dtype)
+        return _numpy(merged)
 
     return value
+
+
+def raw_values(model):
+    """A function `variable -> numpy value`, as stored (LoRA adapters and kernels unmerged).
+
+    Raises:
+        ValueError: for a quantized model.
+    """
+    _check_float(model)
+    return lambda variable: _numpy(variable.value)

@@ -30,6 +30,26 @@ def first_non_finite(values):
     return index, values[index]
 
 
+def finite_vectors(batch, owner):
+    """`batch` (..., d) as vectors (N, d), every leading axis a batch axis; refuses NaN and inf.
+
+    Args:
+        batch: a numeric array of rank >= 1.
+        owner: who asks, for the error (`RunningStats.update`).
+
+    Raises:
+        ValueError: a NaN or inf, naming its vector and dimension.
+    """
+    batch = batch.reshape(-1, batch.shape[-1])
+    bad = first_non_finite(batch)
+    if bad is not None:
+        raise ValueError(
+            f"{owner} got {bad[1]} (vector {bad[0][0]}, dimension {bad[0][1]}): norm stats need "
+            "finite values (NaN or infinite values make every statistic NaN)."
+        )
+    return batch
+
+
 def within_frame(index):
     """` at dimension 2` / ` at index (1, 2)` / `` for what follows the frame in a frame's index."""
     if len(index) == 1:

@@ -17,12 +17,13 @@ a bin (on `arange(12).reshape(4, 3)` q99 is 8.998 where `np.quantile` gives
 8.91), and depend on how the data was split into batches. This module
 computes exactly those numbers from the same batches, so that stats computed
 here equal the `norm_stats.json` openpi's `compute_norm_stats.py` writes.
-`keras_openpi.data.normalize.RunningStats` (the default) is the accurate one.
+`keras_openpi.data.running_stats.RunningStats` (the default) is the accurate one.
 """
 
 import numpy as np
 
-from keras_openpi.data.finite import first_non_finite
+from keras_openpi.data.finite import finite_vectors
+from keras_openpi.data.normalize import NormStats
 
 NUM_BINS = 5000
 # openpi widens the first batch's range by this much on each side.
@@ -76,15 +77,9 @@ class OpenpiRunningStats:
                 "OpenpiRunningStats.update needs a numeric array of shape (..., d), got "
                 f"dtype {batch.dtype} and shape {batch.shape}."
             )
-        batch = batch.reshape(-1, batch.shape[-1])
+        batch = finite_vectors(batch, "OpenpiRunningStats.update")
         if batch.shape[0] == 0:
             return
-        bad = first_non_finite(batch)
-        if bad is not None:
-            raise ValueError(
-                f"OpenpiRunningStats.update got {bad[1]} (vector {bad[0][0]}, dimension "
-                f"{bad[0][1]}): norm stats need finite values."
-            )
         if self._dim is None:
             self._start(batch)
         elif batch.shape[1] != self._dim:
@@ -137,8 +132,6 @@ class OpenpiRunningStats:
 
     def get_statistics(self):
         """The `NormStats` of everything seen so far (needs at least 2 vectors)."""
-        from keras_openpi.data.normalize import NormStats
-
         if self.count < 2:
             raise ValueError(
                 f"OpenpiRunningStats needs at least 2 vectors to compute statistics, got "

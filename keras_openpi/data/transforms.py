@@ -419,7 +419,7 @@ class TokenizePrompt:
 
     Args:
         tokenizer: has `tokenize(prompt, state=None) -> (ids, mask)`, e.g.
-            `keras_openpi.tokenizers.PaligemmaTokenizer`.
+            `keras_openpi.tokenizers.PaliGemmaTokenizer`.
         discrete_state_input: π0.5's format: the (normalized, unpadded) state
             is written into the prompt as 256-bin ids; needs `state`.
     """

@@ -1,4 +1,9 @@
-"""LoRA on a model's declared linear maps, with Keras' own `enable_lora`, and merging."""
+"""LoRA on a model's declared linear maps, in Keras' form or openpi's, and merging.
+
+A model's LoRA configuration is `{target: {"rank": r, "alpha": a}}`, plus
+`"form": "openpi"` for openpi's form (no key: Keras' form; see
+`keras_openpi.layers.LowRankAdaptationMixin` for both).
+"""
 
 import numbers
 
@@ -9,6 +14,7 @@ from keras_openpi.finetuning.groups import default_lora_targets
 from keras_openpi.finetuning.groups import is_adapter
 from keras_openpi.finetuning.memory import frozen_heap
 from keras_openpi.layers.lora_dense import LowRankAdaptationMixin
+from keras_openpi.layers.lora_dense import check_lora_form
 
 
 def _per_target(value, name, target):
@@ -21,8 +27,13 @@ def _per_target(value, name, target):
     return value
 
 
-def resolve_lora_config(model, rank=16, alpha=None, targets=None):
-    """`{target: {"rank": r, "alpha": a}}` from `enable_lora`'s arguments.
+def lora_form(spec):
+    """The form of one target's LoRA configuration (`"keras"` when it names none)."""
+    return spec.get("form", "keras")
+
+
+def resolve_lora_config(model, rank=16, alpha=None, targets=None, form="keras"):
+    """`{target: {"rank": r, "alpha": a[, "form": "openpi"]}}` from `enable_lora`'s arguments.
 
     Args:
         model: a model declaring `finetuning_groups()` and `default_lora_targets()`.
@@ -33,7 +44,12 @@ def resolve_lora_config(model, rank=16, alpha=None, targets=None):
             number, a dict per target, or None for alpha = rank (openpi's value).
         targets: group names whose declared linear maps get adapters; None
             for the model's `default_lora_targets()`.
+        form: `"keras"` (Keras' `enable_lora`: one B shared by the heads,
+            every update scaled by alpha / rank) or `"openpi"` (openpi's
+            `lora.Einsum` and `FeedForward`: a B per head, feed-forward
+            updates not scaled).
     """
+    check_lora_form(form)
     if targets is None:
         targets = default_lora_targets(model)
     if isinstance(targets, str):
@@ -69,18 +85,20 @@ def resolve_lora_config(model, rank=16, alpha=None, targets=None):
                 f"LoRA alpha for {target!r} must be a positive number, got {target_alpha!r}."
             )
         config[target] = {"rank": int(target_rank), "alpha": float(target_alpha)}
+        if form != "keras":
+            config[target]["form"] = form
     return config
 
 
 def add_adapters(model, lora_config):
     """Enables LoRA on every declared linear map of each target and freezes the rest of the target.
 
-    What ends frozen is openpi's set for its `*_lora` variants: every weight of
-    a target group except the adapters (base kernels, norms, the VLM's token
-    embedding, π0.5's adaRMS projections). Other groups are untouched.
+    Every layer is checked before any changes. What ends frozen is openpi's
+    set for its `*_lora` variants (see `freeze_lora_targets`).
     """
     groups = declared_groups(model)
     for target, spec in lora_config.items():
+        form = check_lora_form(lora_form(spec))
         for layer in groups[target]["lora"]:
             if not isinstance(layer, LowRankAdaptationMixin):
                 raise ValueError(
@@ -93,8 +111,28 @@ def add_adapters(model, lora_config):
                     f"{layer.path!r} already has LoRA adapters; enable LoRA once per model "
                     "(merge_lora() first to start again)."
                 )
+            if form == "openpi" and layer.quantization_mode is not None:
+                raise ValueError(
+                    f"{layer.path!r} is quantized ({layer.quantization_mode}); openpi's LoRA "
+                    "form adapts float kernels (use form='keras' with quantized bases)."
+                )
+    for target, spec in lora_config.items():
+        for layer in groups[target]["lora"]:
             layer.trainable = True
-            layer.enable_lora(spec["rank"], lora_alpha=spec["alpha"])
+            layer.enable_lora(spec["rank"], lora_alpha=spec["alpha"], form=lora_form(spec))
+    freeze_lora_targets(model, lora_config)
+
+
+def freeze_lora_targets(model, lora_config):
+    """Freezes every weight of the LoRA targets except the adapters.
+
+    That is openpi's set for its `*_lora` variants (its `get_freeze_filter`:
+    everything of an adapted Gemma expert but `.*lora.*`): base kernels,
+    norms, the VLM's token embedding, π0.5's adaRMS projections. Other groups
+    are untouched.
+    """
+    groups = declared_groups(model)
+    for target in lora_config:
         frozen = [
             v
             for layer in groups[target]["layers"]
@@ -114,7 +152,7 @@ def adapted_layers(model):
 
 
 def merge_adapters(model):
-    """Folds `alpha / rank * A @ B` into each adapted kernel and removes the adapters.
+    """Folds each adapter's update into its kernel and removes the adapters.
 
     Float kernels are merged in float32 (then stored in the kernel's dtype);
     int8 kernels are dequantized, merged and requantized by Keras. The merged

@@ -30,7 +30,8 @@ class FinetuningMixin:
 
     Everything is built on Keras' mechanisms: `variable.trainable` /
     `layer.trainable` for freezing, `Dense.enable_lora` / `EinsumDense.enable_lora`
-    for adapters, `Model.quantize` for int8. The fine-tuning state is part of
+    for adapters (Keras' form, or openpi's with a per-head B), `Model.quantize`
+    for int8. The fine-tuning state is part of
     `get_config()`, so `.keras` files reload with adapters, ranks, alphas,
     frozen flags, dtypes and quantization intact.
 
@@ -98,13 +99,25 @@ class FinetuningMixin:
 
     # === LoRA ===
 
-    def enable_lora(self, rank=16, alpha=None, targets=None, freeze_vision=False):
-        """Adds Keras LoRA adapters to every linear map of the target groups.
+    def enable_lora(self, rank=16, alpha=None, targets=None, freeze_vision=False, form="keras"):
+        """Adds LoRA adapters to every linear map of the target groups.
 
         Each attention projection (query, key, value, output) and feed-forward
-        matrix (gate, up, down) of a target gets `Dense.enable_lora` /
-        `EinsumDense.enable_lora` (A: `kernel.shape[:-1] + (rank,)`, He-uniform;
-        B: `(rank, kernel.shape[-1])`, zeros; update `alpha / rank * A @ B`).
+        matrix (gate, up, down) of a target gets adapters A and B, in one of
+        two forms:
+
+        - `form="keras"` (the default): Keras' `Dense.enable_lora` /
+          `EinsumDense.enable_lora`. A: `kernel.shape[:-1] + (rank,)`,
+          He-uniform; B: `(rank, kernel.shape[-1])`, zeros, one B shared by
+          all heads; every update `alpha / rank * A @ B`.
+        - `form="openpi"`: openpi's `lora.Einsum` and `lora.FeedForward`. A
+          per-head B on the attention einsums (query (N, r, H), key and value
+          (K, r, H), output (N, r, D)); the einsums' updates scaled by
+          `alpha / rank`, the feed-forward ones not scaled (openpi ignores
+          alpha there); A and B start N(0, 0.01). The weights and trainable
+          counts are openpi's for the same rank; with `rank="openpi"` this is
+          openpi's `gemma_2b_lora` + `gemma_300m_lora` exactly.
+
         Frozen afterwards, exactly as openpi's `*_lora` configurations: every
         other weight of a target (base kernels, norms, and for the VLM its
         token embedding; π0.5's adaRMS projections). Vision and projections
@@ -119,8 +132,9 @@ class FinetuningMixin:
                 `("vlm",)` or `("action_expert",)`; None for the model's
                 `default_lora_targets()`.
             freeze_vision: also freeze the vision encoder.
+            form: `"keras"` or `"openpi"` (float kernels only).
         """
-        config = lora.resolve_lora_config(self, rank, alpha, targets)
+        config = lora.resolve_lora_config(self, rank, alpha, targets, form)
         lora.add_adapters(self, config)
         if freeze_vision:
             freezing.freeze(self, groups=["vision"])
@@ -182,7 +196,18 @@ class FinetuningMixin:
 
         Keras collects garbage once per replaced kernel; here those collections
         skip the objects alive before the call (see `memory.frozen_heap`).
+        openpi-form adapters adapt float kernels: merge them first.
         """
+        openpi_form = [
+            layer.path
+            for layer in lora.adapted_layers(self)
+            if getattr(layer, "lora_form", "keras") == "openpi"
+        ]
+        if openpi_form:
+            raise ValueError(
+                f"{self.name!r} has openpi-form LoRA adapters ({openpi_form[0]!r}, ...); "
+                "merge_lora() before quantizing."
+            )
         with memory.frozen_heap():
             return super().quantize(mode, config=config, filters=filters, **kwargs)
 
@@ -211,7 +236,9 @@ class FinetuningMixin:
         """Per-group trainable / frozen counts and bytes; `print()` it for the table."""
         state = self.finetuning_state
         lora_text = ", ".join(
-            f"{t} r={c['rank']} alpha={c['alpha']:g}" for t, c in state.lora.items()
+            f"{t} r={c['rank']} alpha={c['alpha']:g}"
+            + (f" {lora.lora_form(c)} form" if lora.lora_form(c) != "keras" else "")
+            for t, c in state.lora.items()
         )
         title = f"{self.name}: strategy {state.strategy or 'custom'}" + (
             f", LoRA {lora_text}" if lora_text else ""

@@ -28,7 +28,8 @@ class FinetuningState:
 
     Args:
         strategy: the name of the last strategy applied, if any.
-        lora: `{target: {"rank": r, "alpha": a}}` of the adapters.
+        lora: `{target: {"rank": r, "alpha": a}}` of the adapters (with
+            `"form": "openpi"` for openpi's form).
         frozen_dtype: the dtype frozen weights are stored in, if cast.
         remat: whether `remat_layers()` are rematerialized.
     """

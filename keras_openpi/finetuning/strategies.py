@@ -1,6 +1,7 @@
 """Named fine-tuning strategies, applicable from Python or from a training config."""
 
 import dataclasses
+import json
 
 from keras_openpi.finetuning.freezing import freeze
 from keras_openpi.finetuning.freezing import group_layers
@@ -9,11 +10,13 @@ from keras_openpi.finetuning.groups import declared_groups
 from keras_openpi.finetuning.groups import default_lora_targets
 from keras_openpi.finetuning.lora import add_adapters
 from keras_openpi.finetuning.lora import adapted_layers
+from keras_openpi.finetuning.lora import freeze_lora_targets
 from keras_openpi.finetuning.lora import resolve_lora_config
 from keras_openpi.finetuning.memory import cast_frozen
 from keras_openpi.finetuning.memory import quantization_mode
 from keras_openpi.finetuning.memory import quantize_layers
 from keras_openpi.finetuning.memory import set_remat
+from keras_openpi.layers.lora_dense import check_lora_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ def apply_strategy(
     *,
     rank="openpi",
     alpha=None,
+    form="keras",
     freeze_vision=False,
     freeze_patterns=(),
     frozen_dtype=None,
@@ -89,10 +93,13 @@ def apply_strategy(
     """Sets what `model` trains, from a strategy name or a training-config dict.
 
     The strategy defines the whole trainable state: the model starts fully
-    trainable (it must not have adapters yet), then gets, in this order,
-    int8 frozen bases (`quantize`), LoRA adapters, frozen groups, frozen
-    patterns, frozen weights cast to `frozen_dtype`, and rematerialization.
-    Apply it before `compile` (or compile again afterwards).
+    trainable, then gets, in this order, int8 frozen bases (`quantize`), LoRA
+    adapters, frozen groups, frozen patterns, frozen weights cast to
+    `frozen_dtype`, and rematerialization. A model that has adapters already
+    (a `.keras` file of a LoRA run, an openpi LoRA checkpoint converted with
+    `--keep-lora`) keeps them, values included, when the strategy asks for
+    exactly those (same targets, ranks, alphas and form): training continues
+    from them. Apply it before `compile` (or compile again afterwards).
 
     Args:
         model: a model with `FinetuningMixin` (π0, π0.5, π0-FAST).
@@ -100,6 +107,10 @@ def apply_strategy(
             with the options below (as a training config would give them).
         rank: LoRA rank, per target dict, or `"openpi"` (VLM 16, π0's action expert 32).
         alpha: LoRA alpha (None: equal to the rank, scale 1, as openpi).
+        form: `"keras"` (Keras' `enable_lora`, one B shared by an einsum's
+            heads) or `"openpi"` (openpi's per-head B and scaling rules; see
+            `FinetuningMixin.enable_lora`). `rank="openpi", form="openpi"` is
+            openpi's `gemma_2b_lora` + `gemma_300m_lora` exactly.
         freeze_vision: also freeze the SigLIP encoder (openpi's LoRA trains it).
         freeze_patterns: regular expressions; weights whose path relative to
             the model fully matches one freeze too (e.g. `"gemma/decoder_block_(1[0-7])/vlm/.*"`).
@@ -138,11 +149,7 @@ def apply_strategy(
             "or a dict {'name': ..., **options}."
         )
     spec = STRATEGIES[strategy]
-    if adapted_layers(model):
-        raise ValueError(
-            f"{model.name!r} already has LoRA adapters; a strategy starts from a model "
-            "without them (call merge_lora() first, or rebuild the model)."
-        )
+    check_lora_form(form)
     state = model.finetuning_state
     if state.frozen_dtype:
         raise ValueError(
@@ -152,10 +159,18 @@ def apply_strategy(
     frozen_groups = spec.frozen_groups + (("vision",) if freeze_vision else ())
     lora_targets = _model_lora_targets(model, spec, frozen_groups)
     lora_config = (
-        resolve_lora_config(model, rank, alpha, lora_targets) if lora_targets else {}
+        resolve_lora_config(model, rank, alpha, lora_targets, form) if lora_targets else {}
     )
+    keep_adapters = bool(adapted_layers(model))
+    if keep_adapters:
+        _check_kept_adapters(model, strategy, lora_config, quantize)
     if quantize:
         quantization_mode(quantize)  # validated before anything changes
+    if quantize and lora_targets and form == "openpi":
+        raise ValueError(
+            f"quantize={quantize!r} with form='openpi': openpi's LoRA form adapts float "
+            "kernels; use form='keras' for quantized bases."
+        )
     if quantize and not (lora_targets or frozen_groups):
         raise ValueError(
             f"quantize={quantize!r} quantizes frozen weights, and strategy {strategy!r} freezes none."
@@ -164,7 +179,10 @@ def apply_strategy(
     unfreeze_all(model)
     if quantize:
         quantize_layers(model, group_layers(model, lora_targets + frozen_groups), quantize)
-    add_adapters(model, lora_config)
+    if keep_adapters:
+        freeze_lora_targets(model, lora_config)
+    else:
+        add_adapters(model, lora_config)
     freeze(model, patterns=freeze_patterns, groups=frozen_groups)
     if frozen_dtype:
         cast_frozen(model, frozen_dtype)
@@ -175,6 +193,23 @@ def apply_strategy(
     state.remat = bool(remat)
     model.reset_train_functions()
     return spec
+
+
+def _check_kept_adapters(model, strategy, lora_config, quantize):
+    """Raises unless the adapters `model` has are exactly those `strategy` would add."""
+    current = {k: dict(v) for k, v in model.finetuning_state.lora.items()}
+    if current != lora_config:
+        raise ValueError(
+            f"{model.name!r} already has LoRA adapters {json.dumps(current)}; strategy {strategy!r} "
+            f"asks for {json.dumps(lora_config)}. A strategy keeps a model's adapters only "
+            "when it asks for exactly them (targets, rank, alpha, form); otherwise call "
+            "merge_lora() first, or rebuild the model."
+        )
+    if quantize:
+        raise ValueError(
+            f"quantize={quantize!r} quantizes the bases of new adapters; {model.name!r} has "
+            "its adapters already (merge_lora() first)."
+        )
 
 
 def _model_lora_targets(model, spec, frozen_groups):

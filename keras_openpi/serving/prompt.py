@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_openpi.tokenizers import ByteTokenizer
 from keras_openpi.tokenizers import FASTPromptTokenizer
-from keras_openpi.tokenizers import PaligemmaTokenizer
+from keras_openpi.tokenizers import PaliGemmaTokenizer
 
 
 def resolve_tokenizer(spec, model):
@@ -47,7 +47,7 @@ def resolve_tokenizer(spec, model):
         return ByteTokenizer(max_len)
     if isinstance(spec, (str, os.PathLike)):
         try:
-            tokenizer = PaligemmaTokenizer(spec, max_len=max_len)
+            tokenizer = PaliGemmaTokenizer(spec, max_len=max_len)
         except RuntimeError:  # SentencePiece's own parse error
             raise ValueError(
                 f"the tokenizer {os.fspath(spec)} is not a SentencePiece .model file "

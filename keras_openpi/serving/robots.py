@@ -32,6 +32,9 @@ REQUEST_SPECS = {
         images=("observation/image", "observation/wrist_image"),
         states={"observation/state": (1,)},
     ),
+    "metaworld": RequestSpec(
+        images=("observation/image",), states={"observation/state": (1,)}
+    ),
     "raw": RequestSpec(image_maps=("image",), image_masks=("image_mask",), states={"state": (1,)}),
 }
 
@@ -72,6 +75,11 @@ def robot_transforms(
     """
     if robot not in ROBOTS:
         raise ValueError(f"unknown robot {robot!r}; choose one of {list(ROBOTS)}.")
+    if robot not in REQUEST_SPECS:
+        raise ValueError(
+            f"robot {robot!r} has no request spec in keras_openpi.serving.robots.REQUEST_SPECS; "
+            f"it has {sorted(REQUEST_SPECS)}."
+        )
     model_type = model.model_type
     fast = model_type == "pi0_fast"
     model_group = pipeline.model_transforms(

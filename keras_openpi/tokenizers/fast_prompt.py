@@ -40,7 +40,7 @@ class FASTPromptTokenizer:
 
     Args:
         model_path: the PaliGemma SentencePiece `.model` file (nothing is
-            downloaded; see `PaligemmaTokenizer`).
+            downloaded; see `PaliGemmaTokenizer`).
         fast_tokenizer: a fitted `FASTTokenizer`, or the directory of one
             (e.g. a local copy of `physical-intelligence/fast`).
         max_len: the token length L (π0-FAST's `max_token_len`; openpi's

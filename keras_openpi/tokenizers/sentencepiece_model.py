@@ -25,6 +25,11 @@ class SentencePieceModel:
         self._proto = path.read_bytes()
         self._load()
 
+    @property
+    def proto(self):
+        """The serialized model (the bytes of the `.model` file)."""
+        return self._proto
+
     def _load(self):
         import sentencepiece
 

@@ -76,10 +76,10 @@ def first_non_finite(arrays):
 
 
 def _ema_pairs(model):
-    from keras_openpi.training.ema import ema_weights
+    from keras_openpi.backend.keras_private import ema_pairs
 
     optimizer = getattr(model, "optimizer", None)
-    return ema_weights(optimizer) if optimizer is not None else []
+    return ema_pairs(optimizer) if optimizer is not None else []
 
 
 def _optimizer_variables(model):

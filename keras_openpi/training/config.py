@@ -509,6 +509,91 @@ _CONFIGS = [
         tokenizer=None,
     ),
 ]
+
+# === examples/metaworld: MetaWorld (simulated Sawyer), and the freezing-strategy study ===
+
+_METAWORLD = DataConfig(
+    source="lerobot",
+    robot="metaworld",
+    repack={
+        "observation/image": "observation.image",
+        "observation/state": "observation.state",
+        "actions": "action",
+        "prompt": "prompt",
+    },
+    prompt_from_task=True,
+    asset_id="metaworld_scripted",
+)
+# A π0 small enough to learn several MetaWorld tasks from pixels on a CPU: one 64x64 camera in
+# 8x8 patches, the 4-dim state and actions, chunks of 10 actions (1/8 s), byte prompts (up to
+# 32 bytes, plus the BOS and "\n" tokens).
+_METAWORLD_SMALL_GEMMA = dict(
+    width=64, depth=3, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=16
+)
+METAWORLD_SMALL_MODEL = dict(
+    paligemma_variant=_METAWORLD_SMALL_GEMMA,
+    action_expert_variant=_METAWORLD_SMALL_GEMMA,
+    vision_variant=dict(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=8),
+    vocabulary_size=259,
+    action_dim=4,
+    action_horizon=10,
+    max_token_len=34,
+    image_resolution=[64, 64],
+    image_keys=["base_0_rgb"],
+)
+_METAWORLD_SMALL = dict(
+    model=METAWORLD_SMALL_MODEL,
+    tokenizer="byte",
+    augment=False,
+    ema_decay=None,
+    seed=0,
+    batch_size=32,
+    save_interval=1_000,
+    keep_period=None,
+    tensorboard=False,
+)
+
+_CONFIGS += [
+    TrainConfig(
+        name="pi0_metaworld_small",
+        description="a small π0 from scratch on examples/metaworld's demonstrations, on a CPU",
+        # examples/metaworld's scripted demonstrations (`--set data.path=DIR`).
+        data=dataclasses.replace(_METAWORLD, norm_stats_max_frames=10_000),
+        optimizer=OptimizerConfig(warmup_steps=100, peak_lr=1e-3, decay_steps=3_000, decay_lr=1e-4),
+        num_train_steps=3_000,
+        **_METAWORLD_SMALL,
+    ),
+    TrainConfig(
+        name="pi0_metaworld_small_finetune",
+        description="fine-tunes a pi0_metaworld_small policy on new MetaWorld tasks (a strategy)",
+        # `--set weights=BASE/export/policy.keras data.norm_stats=BASE/export` (the base's
+        # normalization) `strategy=...`.
+        base_weights="a pi0_metaworld_small policy.keras",
+        data=_METAWORLD,
+        optimizer=OptimizerConfig(warmup_steps=30, peak_lr=1e-3, decay_steps=600, decay_lr=1e-4),
+        num_train_steps=600,
+        **_METAWORLD_SMALL,
+    ),
+    TrainConfig(
+        name="pi0_metaworld",
+        description="π0 full fine-tuning on examples/metaworld's demonstrations (one camera)",
+        model=dict(_PI0, action_horizon=10),
+        base_weights="openpi's pi0_base params",
+        strategy={"name": "full", "remat": True},
+        data=_METAWORLD,
+        num_train_steps=10_000,
+    ),
+    TrainConfig(
+        name="pi0_metaworld_lora",
+        description="π0 LoRA on examples/metaworld's demonstrations on one GPU",
+        model=dict(_PI0, action_horizon=10),
+        base_weights="openpi's pi0_base params",
+        strategy=_LORA,
+        data=_METAWORLD,
+        ema_decay=None,
+        num_train_steps=10_000,
+    ),
+]
 CONFIGS = {config.name: config for config in _CONFIGS}
 
 

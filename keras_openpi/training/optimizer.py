@@ -11,7 +11,7 @@ import math
 import keras
 from keras import ops
 
-from keras_openpi.training.ema import OpenpiEMAMixin
+from keras_openpi.backend.keras_private import OpenpiEMAMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_openpi")
@@ -84,7 +84,7 @@ class AdamW(OpenpiEMAMixin, keras.optimizers.AdamW):
     Keras' `AdamW` adds `eps` to `sqrt(v)` before the bias correction (the
     "epsilon hat" form); this one adds it after, as optax does. With
     `use_ema=True` an EMA of the trainable weights with momentum
-    `ema_momentum` starts at the initial weights (see `training/ema.py`).
+    `ema_momentum` starts at the initial weights (see `OpenpiEMAMixin` in `backend/keras_private.py`).
 
     Args:
         learning_rate: a float or a schedule; default openpi's `WarmupCosineDecay()`.

@@ -4,7 +4,9 @@ An event file is a TFRecord file (`length`, its masked CRC-32C, the record,
 its masked CRC-32C) of `Event` protocol buffers. Only the fields scalars
 need are written: `Event{wall_time=1, step=2, file_version=3, summary=5}`,
 `Summary{value=1}`, `Summary.Value{tag=1, simple_value=2}`. TensorBoard
-reads the files as it reads TensorFlow's.
+reads the files as it reads TensorFlow's. Why not `keras.callbacks.TensorBoard`:
+it writes through `tf.summary`, importing TensorFlow (and needing the
+`tensorboard` package) in a JAX run; see benchmarks/tensorboard_writer.py.
 """
 
 import pathlib

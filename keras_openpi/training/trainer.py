@@ -111,7 +111,7 @@ def make_tokenizer(config, settings):
     """
     from keras_openpi.tokenizers import ByteTokenizer
     from keras_openpi.tokenizers import FASTPromptTokenizer
-    from keras_openpi.tokenizers import PaligemmaTokenizer
+    from keras_openpi.tokenizers import PaliGemmaTokenizer
 
     fast = config.model_type == "pi0_fast"
     if config.tokenizer is None:
@@ -141,7 +141,7 @@ def make_tokenizer(config, settings):
     elif config.tokenizer == "byte":
         tokenizer = ByteTokenizer(max_len)
     else:
-        tokenizer = PaligemmaTokenizer(config.tokenizer, max_len=max_len)
+        tokenizer = PaliGemmaTokenizer(config.tokenizer, max_len=max_len)
     if tokenizer.vocabulary_size > settings["vocabulary_size"]:
         raise ValueError(
             f"the tokenizer {config.tokenizer} has {tokenizer.vocabulary_size:,} ids but the "

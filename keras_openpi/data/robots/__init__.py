@@ -3,19 +3,22 @@
 from keras_openpi.data.robots import aloha
 from keras_openpi.data.robots import droid
 from keras_openpi.data.robots import libero
+from keras_openpi.data.robots import metaworld
 from keras_openpi.data.robots.aloha import AlohaInputs
 from keras_openpi.data.robots.aloha import AlohaOutputs
 from keras_openpi.data.robots.droid import DroidInputs
 from keras_openpi.data.robots.droid import DroidOutputs
 from keras_openpi.data.robots.libero import LiberoInputs
 from keras_openpi.data.robots.libero import LiberoOutputs
+from keras_openpi.data.robots.metaworld import MetaworldInputs
+from keras_openpi.data.robots.metaworld import MetaworldOutputs
 from keras_openpi.data.robots.raw import RawInputs
 from keras_openpi.data.robots.raw import RawOutputs
 from keras_openpi.data.transforms import AbsoluteActions
 from keras_openpi.data.transforms import DeltaActions
 from keras_openpi.data.transforms import Group
 
-ROBOTS = ("aloha", "droid", "libero", "raw")
+ROBOTS = ("aloha", "droid", "libero", "metaworld", "raw")
 DELTA_ACTION_MASKS = {
     "aloha": aloha.DELTA_ACTION_MASK,
     "droid": droid.DELTA_ACTION_MASK,
@@ -27,7 +30,7 @@ def get_robot(name, *, model_type="pi0", delta_actions=False, adapt_to_pi=True):
     """The input and output transforms of a robot, as openpi's data configs build them.
 
     Args:
-        name: `aloha`, `droid`, `libero` or `raw`.
+        name: `aloha`, `droid`, `libero`, `metaworld` or `raw`.
         model_type: `pi0`, `pi05` or `pi0_fast` (the camera layout of DROID and LIBERO).
         delta_actions: train on actions relative to the state for the robot's
             joints (`DeltaActions` in, `AbsoluteActions` out) with openpi's mask
@@ -50,6 +53,8 @@ def get_robot(name, *, model_type="pi0", delta_actions=False, adapt_to_pi=True):
         group = Group([DroidInputs(model_type)], [DroidOutputs()])
     elif name == "libero":
         group = Group([LiberoInputs(model_type)], [LiberoOutputs()])
+    elif name == "metaworld":
+        group = Group([MetaworldInputs(model_type)], [MetaworldOutputs()])
     elif name == "raw":
         group = Group([RawInputs()], [RawOutputs()])
     else:
@@ -73,6 +78,8 @@ __all__ = [
     "DroidOutputs",
     "LiberoInputs",
     "LiberoOutputs",
+    "MetaworldInputs",
+    "MetaworldOutputs",
     "ROBOTS",
     "RawInputs",
     "RawOutputs",
