@@ -16,6 +16,8 @@ it imports neither, so the format has one home below both.
           optimizer/                    the other optimizer variables (step count, Adam moments)
         state.json                      step, data-iterator position, train config
         assets/<asset_id>/norm_stats.json
+        model_assets/<layer>/           files a layer keeps beside its weights (Keras'
+                                        `save_assets`: π0-FAST's tokenizer)
 
 The arrays are in orbax's OCDBT format (`keras_openpi.checkpoint_arrays`):
 on several hosts each process writes the shards it holds, and the
@@ -51,6 +53,7 @@ MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.json"
 ASSETS_DIR = "assets"
+MODEL_ASSETS_DIR = "model_assets"
 # The folders of the arrays, relative to a step directory.
 WEIGHTS_DIR = f"{ARRAYS_DIR}/{WEIGHTS_ITEM}"
 EMA_DIR = f"{ARRAYS_DIR}/{EMA_ITEM}"
@@ -420,16 +423,46 @@ def restore_variables(step_dir, groups, local=False):
             variable.assign(values[name])
 
 
+def _asset_layers(model):
+    """The model's direct layers that keep files beside their weights (Keras' `save_assets`)."""
+    return [layer for layer in model.layers if hasattr(layer, "save_assets")]
+
+
+def save_model_assets(model, directory):
+    """Writes each asset layer's files (`layer.save_assets`) to `directory/<layer name>/`.
+
+    A layer that writes nothing (π0-FAST without a tokenizer) leaves no folder.
+    """
+    for layer in _asset_layers(model):
+        folder = pathlib.Path(directory) / layer.name
+        folder.mkdir(parents=True, exist_ok=True)
+        layer.save_assets(str(folder))
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if pathlib.Path(directory).is_dir() and not any(pathlib.Path(directory).iterdir()):
+        pathlib.Path(directory).rmdir()
+
+
+def load_model_assets(model, directory):
+    """Reads the files `save_model_assets` wrote back into the model's layers (`load_assets`)."""
+    for layer in _asset_layers(model):
+        folder = pathlib.Path(directory) / layer.name
+        if folder.is_dir():
+            layer.load_assets(str(folder))
+
+
 def load_model_spec(step_dir):
-    """The model of a checkpoint's `model.json`, built, without its weights."""
+    """The model of a checkpoint's `model.json`, built, without its weights, with its assets."""
     path = pathlib.Path(step_dir) / MODEL_FILE
     spec = read_json(path)
     try:
-        return keras.saving.deserialize_keras_object(spec)
+        model = keras.saving.deserialize_keras_object(spec)
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(
             f"{path} does not describe a model this version builds: {error}"
         ) from None
+    load_model_assets(model, pathlib.Path(step_dir) / MODEL_ASSETS_DIR)
+    return model
 
 
 def load_checkpoint_model(path, use_ema=True):

@@ -186,6 +186,7 @@ class Running:
 class ConstantModel:
     """Stands in for a `Pi0` in a `Policy`: its actions are `actions_for(batch)`."""
 
+    model_type = "pi0"
     image_keys = ("base_0_rgb",)
     image_resolution = (4, 4)
     action_dim, action_horizon, max_token_len, vocabulary_size = 3, 2, 4, 10

@@ -10,7 +10,9 @@ from keras_openpi.convert import openpi_model_type
 from keras_openpi.convert import pi0_fast_config_from_params
 from keras_openpi.convert import pi0_fast_from_openpi
 from keras_openpi.convert import pi0_from_openpi
+from keras_openpi.convert.keras_file import load_keras_policy
 from keras_openpi.models import Pi0Fast
+from keras_openpi.tokenizers import FASTPromptTokenizer
 
 ATOL = 1e-4
 
@@ -126,6 +128,50 @@ def test_cli_converts_pi0_fast(tmp_path, fixture):
         keras.ops.convert_to_numpy(tokens), fixture["output/greedy_tokens"].astype(np.int32)
     )
 
+
+
+def test_cli_converted_pi0_fast_carries_its_tokenizer(tmp_path, fixture, capsys):
+    """--paligemma-tokenizer and --fast-tokenizer: the .keras file carries both, at the model's length."""
+    from fast_support import write_tokenizer_files
+
+    model_path, fast_dir = write_tokenizer_files(tmp_path / "tokenizer", 5, 6)
+    output = tmp_path / "pi0_fast.keras"
+    base = ["convert", "openpi", str(fixture.path), "--model", "pi0_fast", "--action-dim", "6",
+            "--action-horizon", "5", "--max-token-len", "64", "--output", str(output)]
+    errors = [
+        (["--paligemma-tokenizer", str(model_path)], "--fast-tokenizer is needed too"),
+        (["--fast-tokenizer", str(fast_dir)], "--paligemma-tokenizer is needed too"),
+        (
+            ["--paligemma-tokenizer", str(tmp_path), "--fast-tokenizer", str(fast_dir)],
+            f"--paligemma-tokenizer {tmp_path} is not a file.",
+        ),
+        (
+            ["--paligemma-tokenizer", str(model_path), "--fast-tokenizer", str(model_path)],
+            f"--fast-tokenizer {model_path} is not a directory",
+        ),
+    ]
+    for flags, message in errors:
+        assert cli(base + flags) == 2
+        assert message in capsys.readouterr().err
+    pi0 = ["convert", "openpi", str(fixture.path), "--model", "pi0", "--action-horizon", "5",
+           "--output", str(output), "--fast-tokenizer", str(fast_dir)]
+    assert cli(pi0) == 2
+    assert "--fast-tokenizer is for pi0_fast" in capsys.readouterr().err
+    assert not output.exists()
+
+    flags = ["--paligemma-tokenizer", str(model_path), "--fast-tokenizer", str(fast_dir)]
+    assert cli(base + flags) == 0
+    model = load_keras_policy(output)
+    tokenizer = model.tokenizer.tokenizer
+    assert tokenizer is not None and tokenizer.max_len == 64
+    # The carried tokenizer is the files': the same ids, the same decoded chunk.
+    files = FASTPromptTokenizer(model_path, fast_dir, max_len=64)
+    chunk = np.linspace(-0.5, 0.5, 30, dtype=np.float32).reshape(5, 6)
+    ids = tokenizer.tokenize("pick", np.zeros(6, np.float32), chunk)[0]
+    np.testing.assert_array_equal(ids, files.tokenize("pick", np.zeros(6, np.float32), chunk)[0])
+    decoded = model.tokenizer.extract_actions(ids, 5, 6, strict=True)
+    np.testing.assert_array_equal(decoded, files.extract_actions(ids, 5, 6))
+    assert np.abs(decoded - chunk).max() < 0.5  # FAST's quantization, not zeros
 
 def test_cli_and_importer_check_the_model_type(tmp_path, fixture, openpi_fixture, capsys):
     output = str(tmp_path / "out.keras")

@@ -414,7 +414,7 @@ def test_tokenizer_file_that_cannot_serve_the_model_is_refused(tmp_path):
 
     import sentencepiece
 
-    model = types.SimpleNamespace(vocabulary_size=259, max_token_len=16)
+    model = types.SimpleNamespace(model_type="pi0", vocabulary_size=259, max_token_len=16)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError) as refused:

@@ -42,7 +42,13 @@ def test_registry_mirrors_openpis_configs():
         "pi0_libero_lora",
         "pi05_libero",
         "pi0_droid",
+        "pi05_droid",
+        "pi0_fast_droid",
+        "pi0_fast_libero",
+        "pi0_fast_libero_low_mem_finetune",
         "demo",
+        "pi05_demo",
+        "pi0_fast_demo",
         "pi0_metaworld_small",
         "pi0_metaworld_small_finetune",
         "pi0_metaworld",
@@ -83,8 +89,48 @@ def test_registry_mirrors_openpis_configs():
     assert aloha.data.robot == "aloha" and aloha.data.default_prompt == "Transfer cube"
     assert not aloha.data.delta_actions and aloha.num_train_steps == 20_000
     assert get_config("pi0_droid").model["action_horizon"] == 10
+    # openpi's π0.5 and π0-FAST configs (Pi0Config(pi05=True), Pi0FASTConfig(...)).
+    droid = get_config("pi05_droid")
+    assert droid.model_type == "pi05" and droid.model["action_horizon"] == 15
+    assert droid.data.robot == "droid" and droid.data.asset_id == "droid"
+    fast_droid = get_config("pi0_fast_droid")
+    assert fast_droid.model_type == "pi0_fast" and fast_droid.data == droid.data
+    assert (fast_droid.model["action_dim"], fast_droid.model["action_horizon"]) == (8, 10)
+    assert "max_token_len" not in fast_droid.model  # Pi0Fast's default: openpi's 250
+    fast = get_config("pi0_fast_libero")
+    assert fast.model_type == "pi0_fast" and fast.data == libero.data
+    assert (fast.model["action_dim"], fast.model["action_horizon"]) == (7, 10)
+    assert fast.model["max_token_len"] == 180 and fast.ema_decay == 0.99
+    # LIBERO's cameras, fed as openpi feeds the robot's images to π0-FAST.
+    assert fast.model["image_keys"] == ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+    fast_lora = get_config("pi0_fast_libero_low_mem_finetune")
+    assert fast_lora.model == fast.model and fast_lora.strategy == lora.strategy
+    assert fast_lora.ema_decay is None and fast_lora.num_train_steps == 30_000
+    assert get_config("pi05_demo").model_type == "pi05"
+    assert get_config("pi0_fast_demo").model["action_dim"] == 3  # the reach task's
     for config in CONFIGS.values():
         assert config_from_dict(config.to_dict()) == config
+    # A run's train_config.json of an older version (no model_type) reads as before.
+    old = {k: v for k, v in pi05.to_dict().items() if k != "model_type"}
+    old["model"] = {**old["model"], "pi05": True}
+    assert config_from_dict(old) == pi05
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.pi05=true"], "model.pi05=True contradicts model_type 'pi0': set model_type=pi05"),
+        (["model_type=pi1"], r"model_type must be one of \['pi0', 'pi05', 'pi0_fast'\], got 'pi1'"),
+        (["fast_tokenizer=/fast"], "fast_tokenizer is π0-FAST's action tokenizer; model_type is"),
+        (
+            ["model_type=pi0_fast", "discrete_state_input=true"],
+            "discrete_state_input is a π0.5 option .*; model_type is 'pi0_fast'",
+        ),
+    ],
+)
+def test_model_type_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_config("pi0_libero"), overrides)
 
 
 def test_overrides_reach_into_groups_and_check_types():
@@ -158,23 +204,54 @@ def test_data_weights_and_tokenizer_errors_name_the_setting(tmp_path):
     )
 
 
+def test_pi0_fast_tokenizer_and_model_errors_name_the_setting(tmp_path):
+    base = ["--config", "pi0_fast_demo", "--checkpoint-dir", str(tmp_path / "run")]
+    model = tmp_path / "paligemma_tokenizer.model"
+    model.write_bytes(b"")
+    cases = [
+        ([], "config 'pi0_fast_demo' needs the PaliGemma tokenizer: --set tokenizer="),
+        (
+            ["tokenizer=byte"],
+            "config 'pi0_fast_demo' trains π0-FAST, whose action tokens are PaliGemma "
+            "SentencePiece ids: the byte tokenizer cannot write them",
+        ),
+        (
+            [f"tokenizer={model}"],
+            "config 'pi0_fast_demo' trains π0-FAST: give its FAST action tokenizer with --set "
+            "fast_tokenizer=DIR",
+        ),
+        (
+            [f"tokenizer={model}", f"fast_tokenizer={tmp_path / 'fast'}"],
+            f"fast_tokenizer {tmp_path / 'fast'} is not a directory",
+        ),
+        (
+            ["model.action_expert_variant=\"dummy\""],
+            "config 'pi0_fast_demo': its pi0_fast model (Pi0Fast) cannot be built from model=",
+        ),
+    ]
+    for overrides, message in cases:
+        code, _, err = run_cli(*base, *sets(*overrides))
+        assert code == 2 and err.startswith(f"keras-openpi train: error: {message}"), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "stats, message",
     [
         (
             {"state": (2, 0.0), "actions": (3, 0.0)},
-            "have 2 dims for 'state' but the data's 'state' has 3: recompute them (delete the "
-            "file or set data.norm_stats).",
+            "the norm stats from {path} have 2 dims for 'state' but the data's 'state' has 3: "
+            "recompute them (delete the file or set data.norm_stats).",
         ),
         (
             {"state": (3, 0.0), "actions": (9, 0.0)},
-            "have 9 dims for 'actions' but the data's 'actions' has 3: recompute them (delete the "
-            "file or set data.norm_stats).",
+            "the norm stats from {path} have 9 dims for 'actions' but the data's 'actions' has 3: "
+            "recompute them (delete the file or set data.norm_stats).",
         ),
         (
             {"state": (3, 0.0)},
-            "have no 'actions' (they have ['state']): they are not this data's; recompute them "
-            "(delete the file or set data.norm_stats).",
+            "the norm stats from {path} have no 'actions' (they have ['state']): they are not "
+            "this data's; recompute them (delete the file or set data.norm_stats).",
         ),
     ],
 )
@@ -191,7 +268,7 @@ def test_norm_stats_that_do_not_match_the_data_fail_before_building(tmp_path, st
         str(tmp_path / "run"),
         *sets(*TINY_SETS, f"data.norm_stats={path}"),
     )
-    assert code == 2 and err == f"keras-openpi train: error: the norm stats from {path} {message}\n"
+    assert code == 2 and err == f"keras-openpi train: error: {message.format(path=path)}\n"
     assert not (tmp_path / "run").exists()
 
 

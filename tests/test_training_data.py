@@ -110,3 +110,50 @@ def test_openpi_weights_start_the_lora_config(trainer, tmp_path):
     observation, actions = lora.loader[0]
     assert observation["image"]["base_0_rgb"].shape == (2, 224, 224, 3)
     assert observation["tokenized_prompt"].shape == (2, 48) and actions.shape == (2, 50, 8)
+
+
+def test_openpi_fast_weights_start_the_fast_lora_config(trainer, tmp_path):
+    """openpi's π0-FAST checkpoint, LoRA on its Gemma; batches carry the FAST token masks."""
+    from conftest import fixture_path
+    from fast_support import write_tokenizer_files
+
+    from keras_openpi.convert import load_openpi_params
+
+    weights = fixture_path("pi0_fast.npz")
+    model_path, fast_dir = write_tokenizer_files(tmp_path / "tokenizer", HORIZON, 7)
+    overrides = [
+        f"weights={weights}",
+        f"tokenizer={model_path}",
+        f"fast_tokenizer={fast_dir}",
+        f"data.path={trainer.config.data.path}",
+        f"assets_dir={tmp_path / 'assets'}",
+        "batch_size=2",
+    ]
+    config = apply_overrides(get_config("pi0_fast_libero_low_mem_finetune"), overrides)
+    lora = Trainer(config, checkpoint_dir=tmp_path / "run", log=None)
+    model = lora.build()
+    params = load_openpi_params(weights)
+    np.testing.assert_array_equal(
+        model.vision_encoder.patch_embedding.kernel.numpy(),
+        params["PaliGemma/img/embedding/kernel"],
+    )
+    assert model.model_type == "pi0_fast" and model.vocabulary_size == 1024  # the checkpoint's
+    assert model.finetuning_state.lora == {"vlm": {"rank": 16, "alpha": 16.0}}
+    assert model.gemma.token_embedding.embeddings.dtype == "bfloat16"  # frozen, as openpi
+    assert model.tokenizer.tokenizer.max_len == 180 and not model.optimizer.use_ema
+    observation, actions = lora.loader[0]
+    assert sorted(observation["image"]) == ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+    assert observation["image_mask"]["right_wrist_0_rgb"].tolist() == [True, True]  # openpi's
+    assert observation["state"].shape == (2, 8) and actions.shape == (2, HORIZON, 7)  # unpadded
+    for key in ("tokenized_prompt", "token_ar_mask", "token_loss_mask"):
+        assert observation[key].shape == (2, 180)
+    assert observation["token_loss_mask"].any(axis=1).all()  # every sample has its actions
+
+    overrides = [overrides[0], "tokenizer=byte", *overrides[3:]]
+    config = apply_overrides(get_config("pi0_libero"), overrides)
+    with pytest.raises(
+        ValueError,
+        match=f"the weights {weights} are a π0-FAST model; config 'pi0_libero' trains π0 "
+        r"\(model_type pi0\)\.",
+    ):
+        Trainer(config, checkpoint_dir=tmp_path / "pi0", log=None).prepare()

@@ -46,6 +46,19 @@ def add_parser(subparsers):
         help="token length (default: 48 pi0, 200 pi05, 250 pi0_fast)",
     )
     parser.add_argument(
+        "--paligemma-tokenizer",
+        metavar="PATH",
+        help=(
+            "pi0_fast: PaliGemma's SentencePiece paligemma_tokenizer.model (local); with "
+            "--fast-tokenizer the model carries both and `keras-openpi serve` decodes its actions"
+        ),
+    )
+    parser.add_argument(
+        "--fast-tokenizer",
+        metavar="DIR",
+        help="pi0_fast: the FAST action tokenizer, a local copy of physical-intelligence/fast",
+    )
+    parser.add_argument(
         "--lora-scale",
         type=float,
         default=1.0,
@@ -198,6 +211,7 @@ def _convert_openpi(args):
 
     if args.model is None or args.action_horizon is None:
         raise ValueError("convert openpi needs --model and --action-horizon.")
+    tokenizer = None
     if args.model == "pi0_fast":
         if args.action_dim is None:
             raise ValueError(
@@ -205,15 +219,24 @@ def _convert_openpi(args):
                 "openpi's Pi0FASTConfig.action_dim, e.g. 8 for DROID, 7 for LIBERO)."
             )
         check_settings(flags=True, action_dim=args.action_dim)
-    elif args.action_dim is not None:
-        raise ValueError(
-            f"--action-dim is for pi0_fast; a {args.model} checkpoint holds its action width."
-        )
+        tokenizer = _fast_tokenizer(args)
+    else:
+        if args.action_dim is not None:
+            raise ValueError(
+                f"--action-dim is for pi0_fast; a {args.model} checkpoint holds its action width."
+            )
+        for flag in ("paligemma_tokenizer", "fast_tokenizer"):
+            if getattr(args, flag) is not None:
+                raise ValueError(
+                    f"--{flag.replace('_', '-')} is for pi0_fast, whose model carries its "
+                    f"tokenizer; a {args.model} model takes its prompt tokenizer when served "
+                    "(keras-openpi serve --tokenizer)."
+                )
     check_output(args.output, args.overwrite)
     # None: the model's default (48 pi0, 200 pi05, 250 pi0_fast); 0 was refused above.
     tokens = {} if args.max_token_len is None else {"max_token_len": args.max_token_len}
     if args.model == "pi0_fast":
-        return pi0_fast_from_openpi(
+        model = pi0_fast_from_openpi(
             args.source,
             action_dim=args.action_dim,
             action_horizon=args.action_horizon,
@@ -221,6 +244,7 @@ def _convert_openpi(args):
             keep_lora=args.keep_lora,
             **tokens,
         )
+        return _carrying(model, tokenizer, args)
     return pi0_from_openpi(
         args.source,
         action_horizon=args.action_horizon,
@@ -229,3 +253,57 @@ def _convert_openpi(args):
         keep_lora=args.keep_lora,
         **tokens,
     )
+
+
+def _carrying(model, tokenizer, args):
+    """The π0-FAST `model` carrying `tokenizer` (with the model's `max_len`); as it is if None."""
+    from keras_openpi.tokenizers import FASTPromptTokenizer
+
+    if tokenizer is None:
+        print(
+            "note: the model carries no tokenizer (give --paligemma-tokenizer and "
+            "--fast-tokenizer to serve it as it is)"
+        )
+        return model
+    if tokenizer.vocabulary_size > model.vocabulary_size:
+        raise ValueError(
+            f"--paligemma-tokenizer {args.paligemma_tokenizer} has {tokenizer.vocabulary_size:,} "
+            f"ids but the checkpoint's vocabulary has {model.vocabulary_size:,}; nothing was "
+            "written."
+        )
+    model.set_tokenizer(
+        FASTPromptTokenizer(
+            tokenizer.model_path, tokenizer.fast_tokenizer, max_len=model.max_token_len
+        )
+    )
+    return model
+
+
+def _fast_tokenizer(args):
+    """π0-FAST's `FASTPromptTokenizer` of `--paligemma-tokenizer` and `--fast-tokenizer`, or None.
+
+    Read before the checkpoint, so that a wrong file fails at once (its
+    `max_len` is set to the model's when the model is built).
+    """
+    from keras_openpi.tokenizers import FASTPromptTokenizer
+
+    given = {
+        "--paligemma-tokenizer": args.paligemma_tokenizer,
+        "--fast-tokenizer": args.fast_tokenizer,
+    }
+    missing = [flag for flag, value in given.items() if value is None]
+    if len(missing) == 2:
+        return None
+    if missing:
+        raise ValueError(
+            f"{missing[0]} is needed too: π0-FAST's tokenizer is PaliGemma's SentencePiece model "
+            "(--paligemma-tokenizer) and the FAST action tokenizer (--fast-tokenizer)."
+        )
+    if not os.path.isfile(args.paligemma_tokenizer):
+        raise FileNotFoundError(f"--paligemma-tokenizer {args.paligemma_tokenizer} is not a file.")
+    if not os.path.isdir(args.fast_tokenizer):
+        raise FileNotFoundError(
+            f"--fast-tokenizer {args.fast_tokenizer} is not a directory (a local copy of "
+            "physical-intelligence/fast)."
+        )
+    return FASTPromptTokenizer(args.paligemma_tokenizer, args.fast_tokenizer)

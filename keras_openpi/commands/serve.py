@@ -25,7 +25,11 @@ def add_parser(subparsers):
         ),
     )
     parser.add_argument(
-        "model", help="the checkpoint: a .keras file, or a `keras-openpi train` checkpoint directory"
+        "model",
+        help=(
+            "the checkpoint (π0, π0.5 or π0-FAST): a .keras file, or a `keras-openpi train` "
+            "checkpoint directory"
+        ),
     )
     parser.add_argument(
         "--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)"
@@ -50,7 +54,9 @@ def add_parser(subparsers):
         "--tokenizer",
         help=(
             "prompt tokenizer: a SentencePiece .model file (PaliGemma's) or 'byte' (default: "
-            "'byte' for 259-token demo models, else none: clients send tokenized_prompt)"
+            "'byte' for 259-token demo models, else none: clients send tokenized_prompt). "
+            "π0-FAST uses the tokenizer it carries; for one that carries none, a directory "
+            "with paligemma_tokenizer.model and fast/"
         ),
     )
     parser.add_argument(
@@ -63,18 +69,33 @@ def add_parser(subparsers):
     )
     parser.add_argument("--record", metavar="DIR", help="save every request and reply to DIR")
     parser.add_argument(
-        "--num-steps", type=int, default=10, help="Euler sampling steps (default 10)"
+        "--num-steps", type=int, help="π0 / π0.5: Euler sampling steps (default 10)"
+    )
+    parser.add_argument(
+        "--max-decoding-steps",
+        type=int,
+        help="π0-FAST: the most tokens to decode per request (default 256)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="π0-FAST: 0 decodes greedily (default), above 0 samples (seeded by --seed)",
     )
     parser.add_argument(
         "--delta-actions",
         action="store_true",
         help="the model predicts joint actions relative to the state (openpi's pi0_aloha)",
     )
-    parser.add_argument("--seed", type=int, help="seed of the sampling noise")
+    parser.add_argument(
+        "--seed", type=int, help="seed of the sampling noise (π0-FAST: of its token sampling)"
+    )
     parser.add_argument(
         "--fixed-noise",
         action="store_true",
-        help="start every request from the same noise (drawn from --seed): deterministic actions",
+        help=(
+            "π0 / π0.5: start every request from the same noise (drawn from --seed): "
+            "deterministic actions"
+        ),
     )
     parser.add_argument(
         "--max-message-mb",
@@ -106,11 +127,14 @@ def run(args):
         tokenizer=args.tokenizer,
         delta_actions=args.delta_actions,
         num_steps=args.num_steps,
+        max_decoding_steps=args.max_decoding_steps,
+        temperature=args.temperature,
         seed=args.seed,
         fixed_noise=args.fixed_noise,
     )
+    options = ", ".join(f"{k} {v}" for k, v in policy.sample_options.items())
     logging.getLogger("keras_openpi.serving").info(
-        "sampler compiled in %.1f s (%d steps)", policy.warmup_seconds, policy.num_steps
+        "sampler compiled in %.1f s (%s)", policy.warmup_seconds, options
     )
     if args.record:
         policy = PolicyRecorder(policy, args.record)
@@ -146,8 +170,14 @@ def check_args(args):
     mb = args.max_message_mb
     if not (math.isfinite(mb) and mb * 2**20 >= 1):
         raise ValueError(f"--max-message-mb must be a positive number of MiB, got {mb}.")
-    if args.num_steps < 1:
-        raise ValueError(f"--num-steps must be at least 1, got {args.num_steps}.")
+    steps = (("--num-steps", args.num_steps), ("--max-decoding-steps", args.max_decoding_steps))
+    for flag, value in steps:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}.")
+    if args.temperature is not None and not (
+        math.isfinite(args.temperature) and args.temperature >= 0
+    ):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}.")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}.")
     if args.record:

@@ -14,6 +14,7 @@ from keras_openpi.models.fast_decoding import left_to_right_align
 from keras_openpi.models.observation import pad_last_axis
 from keras_openpi.models.paligemma_policy import PaliGemmaPolicy
 from keras_openpi.models.variants import PALIGEMMA_VOCABULARY_SIZE
+from keras_openpi.tokenizers.fast import FASTDecodeError
 from keras_openpi.tokenizers.fast_prompt_layer import FASTPromptTokenizerLayer
 
 FAST_IMAGE_KEYS = ("base_0_rgb", "base_1_rgb", "wrist_0_rgb")
@@ -327,25 +328,30 @@ class Pi0Fast(PaliGemmaPolicy):
         )
         return tokens, all_logits if return_logits else None
 
-    def sample_actions(self, observation, max_decoding_steps=256, temperature=0.0):
+    def sample_actions(self, observation, max_decoding_steps=256, temperature=0.0, strict=False):
         """Generates tokens and decodes each sequence into an action chunk (openpi's `ExtractFASTActions`).
 
         The carried tokenizer (`tokenizer`) decodes the text between
         `"Action: "` and `"|"` of each generated sequence; a sequence without a
-        valid chunk gives zeros (and a logged warning), as in openpi. The
-        decoding runs on the host (SentencePiece and BPE), after the compiled
-        `generate`.
+        valid chunk gives zeros (and a logged warning), as in openpi, or with
+        `strict` a `FASTDecodeError` (what a robot should get: no made-up
+        actions). The decoding runs on the host (SentencePiece and BPE),
+        after the compiled `generate`.
 
         Args:
             observation: an observation dict with a prefix-only prompt.
             max_decoding_steps: the most tokens to decode.
             temperature: 0 for greedy decoding.
+            strict: raise for a sequence that holds no valid chunk instead
+                of giving zeros.
 
         Returns:
             (B, action_horizon, action_dim) float32 tensor of normalized actions.
 
         Raises:
             ValueError: the model carries no tokenizer.
+            FASTDecodeError: with `strict`, naming the first example whose
+                tokens hold no valid chunk and why.
         """
         tokenizer = self.tokenizer.require_tokenizer()
         tokens = ops.convert_to_numpy(
@@ -353,9 +359,18 @@ class Pi0Fast(PaliGemmaPolicy):
                 observation, max_decoding_steps=max_decoding_steps, temperature=temperature
             )
         )
-        chunks = [
-            tokenizer.extract_actions(row, self.action_horizon, self.action_dim) for row in tokens
-        ]
+        chunks = []
+        for index, row in enumerate(tokens):
+            try:
+                chunk = tokenizer.extract_actions(
+                    row, self.action_horizon, self.action_dim, strict=strict
+                )
+            except FASTDecodeError as error:
+                raise FASTDecodeError(
+                    f"π0-FAST generated no valid action chunk for example {index} of "
+                    f"{len(tokens)}: {error}"
+                ) from None
+            chunks.append(chunk)
         return ops.convert_to_tensor(np.stack(chunks).astype(np.float32))
 
     def get_config(self):

@@ -24,7 +24,7 @@ class CheckpointFormat:
     Args:
         name: how messages call it.
         matches: `path -> bool`, whether `path` is in this format.
-        load_model: `path -> model`, the `Pi0` model.
+        load_model: `path -> model`, the policy model (`Pi0` or `Pi0Fast`).
         norm_stats_dirs: `path -> [directory]`, where to look (in order) for
             the `norm_stats.json` that travels with the checkpoint.
     """
@@ -39,7 +39,7 @@ CHECKPOINT_FORMATS = (
     CheckpointFormat(
         name=".keras file",
         matches=lambda path: path.is_file() and path.suffix == ".keras",
-        load_model=lambda path: load_keras_policy(path, expected_classes=("Pi0",)),
+        load_model=load_keras_policy,
         norm_stats_dirs=lambda path: [path.parent, path.parent / "assets"],
     ),
     CheckpointFormat(

@@ -52,6 +52,10 @@ class ModelInputs:
     float32 in [-1, 1], masks bool (True where missing), `state (action_dim,)`
     float32 and prompt `(max_token_len,)` int32 / bool, zero-padded.
 
+    π0-FAST reads its state from the prompt (`TokenizeFASTInputs` wrote it
+    there), not as an input: its `state (s,)` may be of any width and is
+    kept as it is (`pad_state=False`), for the output transforms.
+
     Args:
         image_keys: the model's cameras.
         image_resolution: `(height, width)` of the model's cameras.
@@ -60,6 +64,7 @@ class ModelInputs:
         vocabulary_size: token ids must be below it.
         compute_dtype: the model's compute dtype; states and float images must
             stay within `value_limit(compute_dtype)` (and float32's) once cast.
+        pad_state: the state is a model input, zero-padded to `action_dim`.
 
     Example:
     >>> check = ModelInputs(("base_0_rgb",), (4, 4), 3, 5, 10)
@@ -75,10 +80,11 @@ class ModelInputs:
     max_token_len: int
     vocabulary_size: int
     compute_dtype: str = "float32"
+    pad_state: bool = True
 
     @classmethod
     def for_model(cls, model):
-        """The checks for a `Pi0` model."""
+        """The checks for a policy model (`PaliGemmaPolicy`: π0, π0.5 or π0-FAST)."""
         return cls(
             tuple(model.image_keys),
             tuple(model.image_resolution),
@@ -86,6 +92,7 @@ class ModelInputs:
             int(model.max_token_len),
             int(model.vocabulary_size),
             str(model.compute_dtype),
+            pad_state=model.model_type != "pi0_fast",
         )
 
     @property
@@ -147,17 +154,18 @@ class ModelInputs:
         return {"image": out_images, "image_mask": out_masks}
 
     def _state(self, sample):
-        expected = f"(s,) float with s <= {self.action_dim}"
+        width = self.action_dim if self.pad_state else None
+        expected = "(s,) float" + (f" with s <= {width}" if width else "")
         state = self._require(sample, "state", expected)
         if (
             not isinstance(state, np.ndarray)
             or state.ndim != 1
-            or state.shape[0] > self.action_dim
+            or (width is not None and state.shape[0] > width)
             or state.dtype.kind not in "fiu"
         ):
             raise ValueError(f"'state' must be a {expected} array, got {_describe(state)}.")
         _check_magnitude(state, "state", self.compute_dtype, self.limit)
-        out = np.zeros((self.action_dim,), np.float32)
+        out = np.zeros((width or state.shape[0],), np.float32)
         out[: state.shape[0]] = state
         return out
 

@@ -1,6 +1,7 @@
 """`Policy`: a model with its transforms and norm stats, answering robot observations."""
 
 import logging
+import math
 import pathlib
 import threading
 import time
@@ -15,46 +16,121 @@ from keras_openpi.serving.checkpoint import resolve_norm_stats
 from keras_openpi.serving.model_inputs import ModelInputs
 from keras_openpi.serving.prompt import resolve_tokenizer
 from keras_openpi.serving.request_checks import check_finite
-from keras_openpi.serving.robots import model_type_of
 from keras_openpi.serving.robots import robot_transforms
+from keras_openpi.tokenizers.fast import FASTDecodeError
 
 logger = logging.getLogger("keras_openpi.serving")
 
+# The options of each model type's `sample_actions` that a policy sets, with their defaults.
+SAMPLER_OPTIONS = {
+    "pi0": {"num_steps": 10},
+    "pi05": {"num_steps": 10},
+    "pi0_fast": {"max_decoding_steps": 256, "temperature": 0.0},
+}
+# The model types whose sampler starts from noise (flow matching).
+FLOW_MODEL_TYPES = ("pi0", "pi05")
 
-class NonFiniteActions(RuntimeError):
-    """The model produced NaN or inf actions: none are returned (the server sends an error)."""
+
+class NoValidActions(RuntimeError):
+    """The model gave no valid actions for an observation: none are returned, an error is."""
+
+
+class NonFiniteActions(NoValidActions):
+    """The model produced NaN or inf actions."""
+
+
+class UndecodableActions(NoValidActions):
+    """π0-FAST generated tokens that hold no valid action chunk (openpi would send zeros)."""
+
+
+def sampler_options(model_type, **given):
+    """The `sample_actions` options of a `model_type`: its defaults, with the `given` ones not None.
+
+    Args:
+        model_type: `pi0`, `pi05` or `pi0_fast`.
+        **given: `num_steps` (π0 / π0.5: Euler steps), `max_decoding_steps`
+            and `temperature` (π0-FAST: tokens to decode at most, 0 for greedy).
+
+    Returns:
+        `{option: value}`, e.g. `{"num_steps": 10}`.
+
+    Raises:
+        ValueError: an option of another model type, or a value out of range.
+
+    Example:
+    >>> sampler_options("pi0_fast", temperature=0.5, num_steps=None)
+    {'max_decoding_steps': 256, 'temperature': 0.5}
+    """
+    if model_type not in SAMPLER_OPTIONS:
+        raise ValueError(
+            f"unknown model type {model_type!r}; expected one of {list(SAMPLER_OPTIONS)}."
+        )
+    options = dict(SAMPLER_OPTIONS[model_type])
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in options:
+            owners = [t for t, o in SAMPLER_OPTIONS.items() if name in o]
+            raise ValueError(
+                f"{name!r} is an option of {' and '.join(owners) or 'no model'}; this is a "
+                f"{model_type} model, whose sampler takes {list(options)}."
+            )
+        if name == "temperature":
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (valid and math.isfinite(value) and value >= 0):
+                raise ValueError(f"'temperature' must be a finite number >= 0, got {value!r}.")
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name!r} must be an integer >= 1, got {value!r}.")
+        options[name] = int(value) if name != "temperature" else value
+    return options
 
 
 class Policy:
     """openpi's `Policy`: observation → input transforms → sampler → output transforms.
+
+    The same for π0, π0.5 and π0-FAST: the sampler is the model's
+    `sample_actions` (π0 / π0.5 integrate the flow from noise; π0-FAST
+    generates tokens and decodes them with the FAST tokenizer it carries),
+    which gives normalized actions for the output transforms.
 
     `infer` takes one unbatched observation in the robot's format and returns
     `{"actions": (H, robot_action_dim), "policy_timing": {"infer_ms": ...}}`;
     `infer_batch` takes a list and returns (B, H, robot_action_dim) actions.
     Every observation is checked (non-finite numbers, then the model's exact
     layout and value range after the transforms) and a bad one raises a
-    `ValueError` naming the key. Actions are never returned non-finite: the
-    model's actions and the output transforms' are checked, and any NaN or
-    inf raises `NonFiniteActions` instead. The sampler is compiled once, at
-    construction (warm-up), for the model's fixed input shapes; `infer_ms` is
-    the time of the sampler including the copy of the actions to the host, so
-    it measures completed device work. Calls from several threads run one at
-    a time.
+    `ValueError` naming the key. No made-up actions are ever returned: any
+    NaN or inf in the model's actions or after the output transforms raises
+    `NonFiniteActions`, and π0-FAST tokens that hold no valid action chunk
+    raise `UndecodableActions` (openpi returns zeros there, which a robot
+    would execute as a real command). The sampler is compiled once, at
+    construction (warm-up), for the model's fixed input shapes; `infer_ms`
+    is the time of the sampler including the copy of the actions to the host
+    (and π0-FAST's decoding), so it measures completed device work. Calls
+    from several threads run one at a time.
 
     Args:
-        model: a `Pi0` model.
+        model: a `PaliGemmaPolicy` (`Pi0` for π0 / π0.5, or `Pi0Fast` carrying
+            its tokenizer).
         transforms: input transforms (callables dict → dict) producing the
             model's layout (see `ModelInputs`); the checks of `ModelInputs`
             always run last.
         output_transforms: callables applied to `{"state", "actions"}` of
             each observation (unbatched), e.g. `Unnormalize` and robot outputs.
-        num_steps: Euler steps of the flow-matching sampler.
-        seed: seed of the starting-noise generator.
-        fixed_noise: start every call from the same noise (drawn once from
-            `seed`), making actions a deterministic function of the
-            observation (for debugging and regression checks).
+        num_steps: π0 / π0.5: Euler steps of the flow-matching sampler (default 10).
+        max_decoding_steps: π0-FAST: the most tokens to decode (default 256).
+        temperature: π0-FAST: 0 (default) decodes greedily, above 0 samples.
+        seed: π0 / π0.5: seed of the starting-noise generator; π0-FAST:
+            re-seeds the model's token sampler (matters with `temperature > 0`).
+        fixed_noise: π0 / π0.5: start every call from the same noise (drawn
+            once from `seed`), making actions a deterministic function of the
+            observation (for debugging and regression checks). π0-FAST's
+            greedy decoding is deterministic without it.
         metadata: the dict a server sends to each client on connect.
         warmup: compile the sampler now (its time is in `warmup_seconds`).
+
+    Raises:
+        ValueError: an option of another model type, or out of range.
 
     Example:
     >>> policy = Policy(model, seed=0)  # doctest: +SKIP
@@ -68,16 +144,28 @@ class Policy:
         *,
         transforms=(),
         output_transforms=(),
-        num_steps=10,
+        num_steps=None,
+        max_decoding_steps=None,
+        temperature=None,
         seed=None,
         fixed_noise=False,
         metadata=None,
         warmup=True,
     ):
-        if int(num_steps) < 1:
-            raise ValueError(f"'num_steps' must be at least 1, got {num_steps}.")
         self.model = model
-        self.num_steps = int(num_steps)
+        self.model_type = model.model_type
+        self.sample_options = sampler_options(
+            self.model_type,
+            num_steps=num_steps,
+            max_decoding_steps=max_decoding_steps,
+            temperature=temperature,
+        )
+        self.draws_noise = self.model_type in FLOW_MODEL_TYPES
+        if fixed_noise and not self.draws_noise:
+            raise ValueError(
+                "'fixed_noise' is for π0 / π0.5, whose sampler starts from noise; π0-FAST "
+                "decodes tokens (greedy decoding, temperature 0, is deterministic)."
+            )
         self._input_transform = compose(transforms)
         self._model_inputs = ModelInputs.for_model(model)
         self._output_transform = compose(output_transforms)
@@ -87,6 +175,13 @@ class Policy:
         self._fixed_noise = self._draw_noise(1)[0] if fixed_noise else None
         self._lock = threading.Lock()
         self.warmup_seconds = self.warmup() if warmup else None
+        if seed is not None and not self.draws_noise:
+            model.seed_generator.state.assign(np.array([seed, 0], np.uint32))
+
+    @property
+    def num_steps(self):
+        """π0 / π0.5: the Euler steps of the sampler (None for π0-FAST)."""
+        return self.sample_options.get("num_steps")
 
     @classmethod
     def from_checkpoint(
@@ -106,18 +201,22 @@ class Policy:
         The norm stats are read before the model, so that a wrong file fails fast.
 
         Args:
-            path: a `.keras` file.
+            path: a `.keras` file, or a `keras-openpi train` checkpoint (a run
+                directory or one of its steps).
             robot: `aloha`, `droid`, `libero` or `raw` (the model's own layout).
             norm_stats: a `norm_stats.json` path or `{key: NormStats}`; by
                 default the file next to the checkpoint (or in its `assets/`),
                 else no normalization.
             default_prompt: the prompt of observations that carry none.
-            tokenizer: `"byte"`, a SentencePiece `.model` path, a tokenizer
-                object, or None (see `resolve_tokenizer`).
+            tokenizer: π0 / π0.5: `"byte"`, a SentencePiece `.model` path, a
+                tokenizer object, or None; π0-FAST: None (the tokenizer the
+                model carries) or, for a model that carries none, a directory
+                written by `FASTPromptTokenizer.save` (see `resolve_tokenizer`).
             delta_actions: the model predicts actions relative to the state
                 (openpi's `pi0_aloha`).
             discrete_state_input: π0.5's state-in-prompt; defaults to True for π0.5.
-            **kwargs: `Policy` arguments (`num_steps`, `seed`, `fixed_noise`, `warmup`).
+            **kwargs: `Policy` arguments (`num_steps`, `max_decoding_steps`,
+                `temperature`, `seed`, `fixed_noise`, `warmup`).
 
         Returns:
             a `Policy` with metadata `{"robot", "model_type", "action_horizon"}`.
@@ -139,7 +238,7 @@ class Policy:
         logger.info(
             "loaded %s (%s, %s parameters) for robot %r; norm stats: %s; tokenizer: %s",
             path,
-            model_type_of(model),
+            model.model_type,
             f"{model.count_params():,}",
             robot,
             source,
@@ -147,7 +246,7 @@ class Policy:
         )
         metadata = {
             "robot": robot,
-            "model_type": model_type_of(model),
+            "model_type": model.model_type,
             "action_horizon": int(model.action_horizon),
         }
         return cls(model, transforms=inputs, output_transforms=outputs, metadata=metadata, **kwargs)
@@ -162,14 +261,18 @@ class Policy:
 
         Args:
             obs: the observation dict in the robot's format.
-            noise: optional (H, action_dim) starting noise.
+            noise: π0 / π0.5: optional (H, action_dim) starting noise.
 
         Returns:
             `{"actions": (H, robot_action_dim), "policy_timing": {"infer_ms": float}}`
             (plus whatever else the output transforms keep).
+
+        Raises:
+            ValueError: a bad observation (naming the key) or bad noise.
+            NoValidActions: the model gave no valid actions (nothing is returned).
         """
         if noise is not None:
-            noise = _check_noise(noise, self._noise_shape, "(H, action_dim)")[None]
+            noise = self._check_noise(noise, self._noise_shape, "(H, action_dim)")[None]
         return self._infer([obs], noise, batched=False)
 
     def infer_batch(self, observations, noise=None):
@@ -177,7 +280,7 @@ class Policy:
 
         Args:
             observations: a non-empty list of observation dicts.
-            noise: optional (B, H, action_dim) starting noise.
+            noise: π0 / π0.5: optional (B, H, action_dim) starting noise.
 
         Returns:
             `{"actions": (B, H, robot_action_dim), "policy_timing": {"infer_ms", "batch_size"}}`.
@@ -189,7 +292,7 @@ class Policy:
             raise ValueError("'observations' must hold at least one observation.")
         if noise is not None:
             shape = (len(observations), *self._noise_shape)
-            noise = _check_noise(noise, shape, "(B, H, action_dim)")
+            noise = self._check_noise(noise, shape, "(B, H, action_dim)")
         outputs = self._infer(list(observations), noise, batched=True)
         outputs["policy_timing"]["batch_size"] = len(observations)
         return outputs
@@ -205,7 +308,10 @@ class Policy:
         batch = _stack([self._model_inputs(blank)] * batch_size)
         start = time.perf_counter()
         with self._lock:
-            self._sample(batch, np.zeros((batch_size, *self._noise_shape), np.float32))
+            try:
+                self._sample(batch, np.zeros((batch_size, *self._noise_shape), np.float32))
+            except UndecodableActions:
+                pass  # the blank prompt need not decode; the generator is compiled
         return time.perf_counter() - start
 
     # === Steps ===
@@ -219,10 +325,29 @@ class Policy:
         return self._model_inputs(self._input_transform(dict(obs)))
 
     def _draw_noise(self, batch_size):
+        if not self.draws_noise:
+            return None
         return self._rng.standard_normal((batch_size, *self._noise_shape), dtype=np.float32)
 
+    def _check_noise(self, noise, shape, expected):
+        if not self.draws_noise:
+            raise ValueError(
+                "'noise' is for π0 / π0.5, whose sampler starts from noise; this π0-FAST "
+                "policy decodes tokens."
+            )
+        return _check_noise(noise, shape, expected)
+
     def _sample(self, batch, noise):
-        actions = self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps)
+        """The model's normalized actions (B, H, action_dim) as numpy."""
+        options = dict(self.sample_options)
+        if self.draws_noise:
+            options["noise"] = noise
+        else:
+            options["strict"] = True
+        try:
+            actions = self.model.sample_actions(batch, **options)
+        except FASTDecodeError as error:
+            raise UndecodableActions(f"{error} No actions were sent.") from None
         return keras.ops.convert_to_numpy(actions)
 
     def _infer(self, observations, noise, batched):

@@ -5,13 +5,17 @@ robot inputs → `Normalize` → model inputs (default prompt, resize, tokenize,
 pad); outputs: `Unnormalize` → robot outputs. The robot mappings,
 normalization and model transforms are `keras_openpi.data`'s, the same the
 trainer applies, so a policy sees requests exactly as the model saw its
-training samples.
+training samples. The model's own output transforms are left out: a
+`Policy` samples with `model.sample_actions`, which gives actions for every
+model (π0-FAST decodes its tokens itself, so openpi's `ExtractFASTActions`
+would decode twice).
 """
 
 from keras_openpi.data import pipeline
 from keras_openpi.data.robots import ROBOTS
 from keras_openpi.data.robots import get_robot
 from keras_openpi.data.transforms import Group
+from keras_openpi.data.transforms import TokenizeFASTInputs
 from keras_openpi.data.transforms import TokenizePrompt
 from keras_openpi.serving.prompt import PromptOrTokens
 from keras_openpi.serving.request_checks import CheckRequest
@@ -35,11 +39,6 @@ REQUEST_SPECS = {
 }
 
 
-def model_type_of(model):
-    """openpi's model type name of a `Pi0`: `pi0` or `pi05`."""
-    return "pi05" if model.pi05 else "pi0"
-
-
 def robot_transforms(
     robot,
     model,
@@ -56,10 +55,11 @@ def robot_transforms(
         robot: `aloha`, `droid`, `libero` or `raw` (the model's own layout:
             `image {camera: (h, w, 3) uint8}`, `state (s,)`, and `prompt` or
             `tokenized_prompt`; see `keras_openpi.data.robots`).
-        model: the `Pi0` model.
+        model: the policy model (`model.model_type`: `pi0`, `pi05` or `pi0_fast`).
         norm_stats: `{key: NormStats}` (state and actions), or None.
-        tokenizer: has `tokenize(prompt, state=None)` (see `resolve_tokenizer`),
-            or None (then requests must send `tokenized_prompt`).
+        tokenizer: π0 / π0.5: has `tokenize(prompt, state=None)`; π0-FAST: its
+            `FASTPromptTokenizer` (see `resolve_tokenizer`); or None (then
+            requests must send `tokenized_prompt`).
         default_prompt: the prompt of requests that carry none.
         delta_actions: the model predicts actions relative to the state on the
             robot's delta mask (openpi's `pi0_aloha`); they are made absolute.
@@ -80,7 +80,8 @@ def robot_transforms(
             f"robot {robot!r} has no request spec in keras_openpi.serving.robots.REQUEST_SPECS; "
             f"it has {sorted(REQUEST_SPECS)}."
         )
-    model_type = model_type_of(model)
+    model_type = model.model_type
+    fast = model_type == "pi0_fast"
     model_group = pipeline.model_transforms(
         model_type,
         tokenizer=tokenizer,
@@ -88,13 +89,15 @@ def robot_transforms(
         image_size=tuple(model.image_resolution),
         default_prompt=default_prompt,
         discrete_state_input=discrete_state_input,
+        action_horizon=model.action_horizon if fast else None,
     )
     model_inputs = [
-        PromptOrTokens(t) if isinstance(t, TokenizePrompt) else t for t in model_group.inputs
+        PromptOrTokens(t) if isinstance(t, (TokenizePrompt, TokenizeFASTInputs)) else t
+        for t in model_group.inputs
     ]
     inputs, outputs = pipeline.build_transforms(
         robot=get_robot(robot, model_type=model_type, delta_actions=delta_actions),
-        model=Group(model_inputs, model_group.outputs),
+        model=Group(model_inputs),  # no model outputs: `model.sample_actions` gives actions
         norm_stats=norm_stats,
         use_quantiles=pipeline.uses_quantile_norm(model_type),
     )

@@ -14,7 +14,8 @@ The protocol is `openpi.serving.websocket_policy_server`'s, so that
 - a request that cannot be served gets a text frame with a one-line reason
   (which the client raises as `RuntimeError("Error in inference server: ...")`)
   and the connection is closed with code 1011; the server keeps serving.
-  Actions with NaN or inf are never sent: an internal-error frame replaces them;
+  Actions with NaN or inf, or π0-FAST tokens that decode to no action chunk,
+  are never sent: an internal-error frame naming the cause replaces them;
 - a message over `max_message_bytes` is refused by the websocket layer from
   its frame header, before its payload is read, with close code 1009 and the
   reason `frame with N bytes exceeds limit of M bytes`; and each connection
@@ -41,7 +42,7 @@ from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 
 from keras_openpi.serving import msgpack_codec
-from keras_openpi.serving.policy import NonFiniteActions
+from keras_openpi.serving.policy import NoValidActions
 
 logger = logging.getLogger("keras_openpi.serving")
 
@@ -203,7 +204,7 @@ class PolicyServer:
                     logger.warning("%s %s", peer, text)
                     await _fail(websocket, text, BAD_REQUEST_REASON)
                     return
-                except NonFiniteActions as error:
+                except NoValidActions as error:
                     text = f"internal error: {_one_line(error)}"
                     logger.error("%s %s", peer, text)
                     await _fail(websocket, text, INTERNAL_ERROR_REASON)

@@ -26,6 +26,10 @@ PROCESSOR_MODULE = "fast_processor.py"
 AUTO_MAP = {"AutoProcessor": "fast_processor.UniversalActionProcessor"}
 
 
+class FASTDecodeError(ValueError):
+    """Generated tokens that hold no valid action chunk (raised by strict decoding)."""
+
+
 def _bpe_tokenizer():
     """An empty byte-level BPE, laid out like the released FAST tokenizer's `tokenizer.json`."""
     bpe = Tokenizer(models.BPE())
@@ -191,7 +195,7 @@ class FASTTokenizer:
         bpe = self._fitted_bpe()
         return bpe.encode(self._to_text(self.quantize(chunk))).ids
 
-    def decode(self, ids, horizon=None, dim=None):
+    def decode(self, ids, horizon=None, dim=None, strict=False):
         """The (H, D) action chunk of FAST ids.
 
         Ids that do not decode to exactly H * D coefficients (e.g. a truncated
@@ -203,9 +207,14 @@ class FASTTokenizer:
             ids: a sequence of FAST ids.
             horizon: H; defaults to `time_horizon`.
             dim: D; defaults to `action_dim`.
+            strict: raise a `FASTDecodeError` naming the problem instead of
+                returning zeros.
 
         Returns:
             An (H, D) float32 array.
+
+        Raises:
+            FASTDecodeError: with `strict`, ids that hold no (H, D) chunk.
         """
         bpe = self._fitted_bpe()
         horizon = self.time_horizon if horizon is None else int(horizon)
@@ -220,6 +229,8 @@ class FASTTokenizer:
             bpe.decode, bpe.get_vocab_size(), ids, horizon, dim, self.min_token, self.scale
         )
         if problem is not None:
+            if strict:
+                raise FASTDecodeError(f"FAST: cannot decode {len(ids)} tokens ({problem}).")
             logger.warning(
                 "FAST: cannot decode %d tokens (%s); returning zeros.", len(ids), problem
             )

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 
+from keras_openpi.tokenizers.fast import FASTDecodeError
 from keras_openpi.tokenizers.fast import FASTTokenizer
 from keras_openpi.tokenizers.prompt_tokenizer import discretize_state
 from keras_openpi.tokenizers.sentencepiece_model import SentencePieceModel
@@ -186,22 +187,27 @@ class FASTPromptTokenizer:
 
     # === Decode ===
 
-    def extract_actions(self, generated_ids, horizon, dim):
+    def extract_actions(self, generated_ids, horizon, dim, strict=False):
         """The (H, D) action chunk of a generated token sequence, as openpi.
 
         The ids are decoded to text; the text between `"Action: "` and `"|"`
         is stripped, re-encoded, mapped back to FAST ids and FAST-decoded.
         Without `"Action: "`, or when the FAST ids do not decode to (H, D),
-        the result is zeros (the latter with a logged warning).
+        the result is zeros (the latter with a logged warning), or with
+        `strict` a `FASTDecodeError` that says why.
 
         Args:
             generated_ids: the generated PaliGemma ids (1-D; padding 0 and EOS
                 decode to nothing).
             horizon: H.
             dim: D.
+            strict: raise instead of returning zeros.
 
         Returns:
             An (H, D) float32 array (normalized actions).
+
+        Raises:
+            FASTDecodeError: with `strict`, a sequence that holds no valid chunk.
         """
         ids = np.asarray(generated_ids).reshape(-1).astype(np.int64)
         outside = ids[(ids < 0) | (ids >= self.vocabulary_size)]
@@ -213,7 +219,17 @@ class FASTPromptTokenizer:
             )
         text = self._processor.decode(ids.tolist())
         if ACTION_PREFIX not in text:
+            if strict:
+                raise FASTDecodeError(
+                    f"the generated text has no {ACTION_PREFIX!r}: {_shorten(text)!r}."
+                )
             return np.zeros((int(horizon), int(dim)), np.float32)
         action_text = text.split(ACTION_PREFIX)[1].split(ACTION_END)[0].strip()
         paligemma_ids = self._processor.encode(action_text)
-        return self.fast_tokenizer.decode(self.paligemma_to_fast(paligemma_ids), horizon, dim)
+        return self.fast_tokenizer.decode(
+            self.paligemma_to_fast(paligemma_ids), horizon, dim, strict=strict
+        )
+
+
+def _shorten(text, limit=80):
+    return text if len(text) <= limit else text[: limit - 3] + "..."

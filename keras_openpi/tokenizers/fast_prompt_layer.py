@@ -68,9 +68,9 @@ class FASTPromptTokenizerLayer(keras.layers.Layer):
             )
         return self.tokenizer
 
-    def extract_actions(self, generated_ids, horizon, dim):
+    def extract_actions(self, generated_ids, horizon, dim, strict=False):
         """`FASTPromptTokenizer.extract_actions` of the held tokenizer: an (H, D) chunk."""
-        return self.require_tokenizer().extract_actions(generated_ids, horizon, dim)
+        return self.require_tokenizer().extract_actions(generated_ids, horizon, dim, strict)
 
     def save_assets(self, dir_path):
         if self.tokenizer is not None:

@@ -49,6 +49,7 @@ from keras_openpi.checkpoint_format import ASSETS_DIR
 from keras_openpi.checkpoint_format import EMA_DIR
 from keras_openpi.checkpoint_format import FORMAT
 from keras_openpi.checkpoint_format import MANIFEST_FILE
+from keras_openpi.checkpoint_format import MODEL_ASSETS_DIR
 from keras_openpi.checkpoint_format import MODEL_FILE
 from keras_openpi.checkpoint_format import OPTIMIZER_DIR
 from keras_openpi.checkpoint_format import STATE_FILE
@@ -65,6 +66,7 @@ from keras_openpi.checkpoint_format import load_checkpoint_model  # noqa: F401 (
 from keras_openpi.checkpoint_format import read_json
 from keras_openpi.checkpoint_format import read_state
 from keras_openpi.checkpoint_format import restore_variables
+from keras_openpi.checkpoint_format import save_model_assets
 from keras_openpi.checkpoint_format import stored_specs
 from keras_openpi.checkpoint_format import write_manifest
 from keras_openpi.checkpoint_format import write_text
@@ -249,6 +251,8 @@ class CheckpointManager:
                     shared.unlink()
                 path = partial / MODEL_FILE
                 write_text(path, json.dumps(model_spec(model), indent=1))
+                path = partial / MODEL_ASSETS_DIR
+                save_model_assets(model, path)
                 if norm_stats:
                     path = partial / ASSETS_DIR / (asset_id or "default") / FILE_NAME
                     path.parent.mkdir(parents=True)

@@ -7,8 +7,9 @@ printed, stored with each checkpoint and changed from the command line:
     config = apply_overrides(config, ["data.path=/data/libero", "batch_size=16"])
 
 Nothing is downloaded: configs that start from openpi's released weights
-(`pi0_base`, `pi05_base`) and the PaliGemma tokenizer name local paths
-(`weights=...`, `tokenizer=...`).
+(`pi0_base`, `pi05_base`, `pi0_fast_base`), the PaliGemma tokenizer and
+π0-FAST's FAST tokenizer name local paths (`weights=...`, `tokenizer=...`,
+`fast_tokenizer=...`).
 """
 
 import ast
@@ -19,7 +20,11 @@ import math
 import pathlib
 import typing
 
+from keras_openpi.models.presets import DEMO_GEMMA
 from keras_openpi.models.presets import DEMO_MODEL
+
+# openpi's model types: π0 and π0.5 are `Pi0`, π0-FAST is `Pi0Fast`.
+MODEL_TYPES = ("pi0", "pi05", "pi0_fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,17 +123,22 @@ class TrainConfig:
     Args:
         name: the config's name in the registry.
         description: one line for `keras-openpi train --list`.
-        model: `Pi0` arguments (`pi05`, `action_dim`, `action_horizon`,
-            `max_token_len`, `dtype`, variants, ...). With `weights` from
-            openpi the architecture comes from the checkpoint and these
-            arguments set the rest.
+        model_type: openpi's model type: `pi0`, `pi05` (both `Pi0`) or
+            `pi0_fast` (`Pi0Fast`).
+        model: the model's arguments (`action_dim`, `action_horizon`,
+            `max_token_len`, `dtype`, variants, `image_keys`, ...; `pi05` is
+            set by `model_type`). With `weights` from openpi the architecture
+            comes from the checkpoint and these arguments set the rest.
         weights: the weights to start from: an openpi checkpoint's `params`
             directory or `.npz` (e.g. `pi0_base/params`), or a `.keras` file;
             None starts from a random initialization.
         base_weights: what `weights` should be, for messages (e.g. "openpi's pi0_base");
             non-empty makes `weights` required.
         tokenizer: the PaliGemma SentencePiece `.model` file, or `byte` (the
-            demo's byte tokenizer; `model.vocabulary_size` 259).
+            demo's byte tokenizer; `model.vocabulary_size` 259; not for π0-FAST).
+        fast_tokenizer: π0-FAST: the FAST action tokenizer's directory (a
+            local copy of `physical-intelligence/fast`, or one written by
+            `FASTTokenizer.save`); the trained model carries both tokenizers.
         strategy: a fine-tuning strategy name (`full`, `lora`, ...) or a dict
             `{"name": ..., **options}` (`keras_openpi.finetuning.apply_strategy`).
         augment: openpi's training-time image augmentation.
@@ -165,10 +175,12 @@ class TrainConfig:
 
     name: str
     description: str = ""
+    model_type: str = "pi0"
     model: dict = dataclasses.field(default_factory=dict)
     weights: str | None = None
     base_weights: str = ""
     tokenizer: str | None = None
+    fast_tokenizer: str | None = None
     strategy: typing.Any = "full"
     augment: bool = True
     discrete_state_input: bool | None = None
@@ -204,11 +216,26 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay!r}.")
-
-    @property
-    def model_type(self):
-        """openpi's model type: `pi05` or `pi0`."""
-        return "pi05" if self.model.get("pi05") else "pi0"
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}."
+            )
+        if "pi05" in self.model and (
+            self.model_type == "pi0_fast" or bool(self.model["pi05"]) != (self.model_type == "pi05")
+        ):
+            raise ValueError(
+                f"model.pi05={self.model['pi05']!r} contradicts model_type {self.model_type!r}: "
+                "set model_type=pi05 (or pi0) instead."
+            )
+        if self.fast_tokenizer is not None and self.model_type != "pi0_fast":
+            raise ValueError(
+                f"fast_tokenizer is π0-FAST's action tokenizer; model_type is {self.model_type!r}."
+            )
+        if self.discrete_state_input is not None and self.model_type == "pi0_fast":
+            raise ValueError(
+                "discrete_state_input is a π0.5 option (π0-FAST always writes the state into its "
+                "prompt); model_type is 'pi0_fast'."
+            )
 
     @property
     def checkpoint_dir(self):
@@ -224,9 +251,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def config_from_dict(data):
-    """A `TrainConfig` from `TrainConfig.to_dict()` data (e.g. a run's `train_config.json`)."""
+def upgrade_config_dict(data):
+    """`TrainConfig.to_dict()` data of an older version in today's form.
+
+    Older configs had no `model_type`: it was `model.pi05` (now set by `model_type`).
+    """
     data = dict(data)
+    if "model_type" not in data:
+        model = dict(data.get("model") or {})
+        data["model_type"] = "pi05" if model.pop("pi05", False) else "pi0"
+        data["model"] = model
+    return data
+
+
+def config_from_dict(data):
+    """A `TrainConfig` from `TrainConfig.to_dict()` data (e.g. a run's `train_config.json`).
+
+    Data of an older version is read as `upgrade_config_dict` upgrades it.
+    """
+    data = upgrade_config_dict(data)
     source = dict(data.get("data", {}))
     if "action_keys" in source:
         source["action_keys"] = tuple(source["action_keys"])
@@ -239,7 +282,8 @@ def config_from_dict(data):
 
 # openpi: float32 weights, bfloat16 activations.
 _PI0 = {"dtype": "mixed_bfloat16"}
-# openpi's LoRA configs: LoRA on both experts, frozen weights stored in bf16, EMA off.
+# openpi's LoRA configs: LoRA on the model's default targets (π0: both experts, π0-FAST: its
+# Gemma), frozen weights stored in bf16, EMA off.
 _LORA = {"name": "lora", "frozen_dtype": "bfloat16", "remat": True}
 _LIBERO = DataConfig(
     source="lerobot",
@@ -250,6 +294,20 @@ _LIBERO = DataConfig(
     asset_id="physical-intelligence/libero",
 )
 
+# openpi's DROID configs read `SimpleDataConfig` data; here DROID in LeRobot format.
+_DROID = DataConfig(
+    source="lerobot",
+    robot="droid",
+    action_keys=("actions",),
+    prompt_from_task=True,
+    asset_id="droid",
+)
+# π0 / π0.5's cameras; π0-FAST takes the cameras the robot gives (on LIBERO these), openpi
+# feeding them in sorted order, while its default (DROID's) is base_0, base_1, wrist_0.
+_PI0_IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+_PI0_FAST_LIBERO = dict(
+    _PI0, action_dim=7, action_horizon=10, max_token_len=180, image_keys=list(_PI0_IMAGE_KEYS)
+)
 _ALOHA_SIM = DataConfig(
     source="lerobot",
     robot="aloha",
@@ -271,6 +329,33 @@ ALOHA_SIM_SMALL_MODEL = dict(
     max_token_len=16,
     image_resolution=[96, 96],
     image_keys=["base_0_rgb"],
+)
+
+# The small π0 of the demo, trained on the generated reach task.
+_DEMO = TrainConfig(
+    name="demo",
+    description="a small π0 on the generated reach task: trains on a CPU in a minute",
+    model={
+        **DEMO_MODEL,
+        "image_resolution": list(DEMO_MODEL["image_resolution"]),
+        "vocabulary_size": 259,
+    },
+    tokenizer="byte",
+    augment=False,
+    data=DataConfig(
+        source="procedural",
+        robot="raw",
+        asset_id="procedural_reach",
+        source_options={"num_episodes": 64, "image_size": 96},
+    ),
+    optimizer=OptimizerConfig(warmup_steps=6, peak_lr=3e-3, decay_steps=60, decay_lr=3e-4),
+    ema_decay=None,
+    seed=0,
+    batch_size=16,
+    num_train_steps=60,
+    save_interval=20,
+    keep_last=2,
+    keep_period=None,
 )
 
 _CONFIGS = [
@@ -333,7 +418,8 @@ _CONFIGS = [
     TrainConfig(
         name="pi05_libero",
         description="π0.5 on LIBERO (no state in the prompt, batch 256, EMA 0.999)",
-        model=dict(_PI0, pi05=True, action_horizon=10),
+        model_type="pi05",
+        model=dict(_PI0, action_horizon=10),
         base_weights="openpi's pi05_base params",
         strategy={"name": "full", "remat": True},
         discrete_state_input=False,
@@ -351,39 +437,76 @@ _CONFIGS = [
         model=dict(_PI0, action_horizon=10),
         base_weights="openpi's pi0_droid (or pi0_base) params",
         strategy={"name": "full", "remat": True},
-        data=DataConfig(
-            source="lerobot",
-            robot="droid",
-            action_keys=("actions",),
-            prompt_from_task=True,
-            asset_id="droid",
-        ),
+        data=_DROID,
         num_train_steps=20_000,
     ),
     TrainConfig(
-        name="demo",
-        description="a small π0 on the generated reach task: trains on a CPU in a minute",
-        model={
-            **DEMO_MODEL,
-            "image_resolution": list(DEMO_MODEL["image_resolution"]),
-            "vocabulary_size": 259,
-        },
-        tokenizer="byte",
-        augment=False,
-        data=DataConfig(
-            source="procedural",
-            robot="raw",
-            asset_id="procedural_reach",
-            source_options={"num_episodes": 64, "image_size": 96},
-        ),
-        optimizer=OptimizerConfig(warmup_steps=6, peak_lr=3e-3, decay_steps=60, decay_lr=3e-4),
+        name="pi05_droid",
+        description="π0.5 (H=15) on DROID data in LeRobot format (asset droid)",
+        model_type="pi05",
+        model=dict(_PI0, action_horizon=15),
+        base_weights="openpi's pi05_droid (or pi05_base) params",
+        strategy={"name": "full", "remat": True},
+        data=_DROID,
+        num_train_steps=20_000,
+    ),
+    TrainConfig(
+        name="pi0_fast_droid",
+        description="π0-FAST (8 dims, H=10) on DROID data in LeRobot format (asset droid)",
+        model_type="pi0_fast",
+        model=dict(_PI0, action_dim=8, action_horizon=10),
+        base_weights="openpi's pi0_fast_droid (or pi0_fast_base) params",
+        strategy={"name": "full", "remat": True},
+        data=_DROID,
+        num_train_steps=20_000,
+    ),
+    TrainConfig(
+        name="pi0_fast_libero",
+        description="π0-FAST full fine-tuning on LIBERO (7 dims, H=10, 180 tokens, joint deltas)",
+        model_type="pi0_fast",
+        model=_PI0_FAST_LIBERO,
+        base_weights="openpi's pi0_fast_base params",
+        strategy={"name": "full", "remat": True},
+        data=_LIBERO,
+        num_train_steps=30_000,
+    ),
+    TrainConfig(
+        name="pi0_fast_libero_low_mem_finetune",
+        description="π0-FAST LoRA (gemma_2b_lora) on LIBERO on one GPU (frozen weights in bf16)",
+        model_type="pi0_fast",
+        model=_PI0_FAST_LIBERO,
+        base_weights="openpi's pi0_fast_base params",
+        strategy=_LORA,
+        data=_LIBERO,
         ema_decay=None,
-        seed=0,
-        batch_size=16,
-        num_train_steps=60,
-        save_interval=20,
-        keep_last=2,
-        keep_period=None,
+        num_train_steps=30_000,
+    ),
+    _DEMO,
+    dataclasses.replace(
+        _DEMO,
+        name="pi05_demo",
+        description="a small π0.5 on the generated reach task (state in the byte prompt), on a CPU",
+        model_type="pi05",
+        model={**_DEMO.model, "max_token_len": 80},
+    ),
+    dataclasses.replace(
+        _DEMO,
+        name="pi0_fast_demo",
+        description=(
+            "a small π0-FAST on the generated reach task, on a CPU (needs tokenizer= and "
+            "fast_tokenizer=)"
+        ),
+        model_type="pi0_fast",
+        model={
+            "paligemma_variant": DEMO_GEMMA,
+            "vision_variant": DEMO_MODEL["vision_variant"],
+            "action_dim": 3,  # the reach task's (x, y, gripper)
+            "action_horizon": DEMO_MODEL["action_horizon"],
+            "max_token_len": 96,
+            "image_resolution": list(DEMO_MODEL["image_resolution"]),
+            "image_keys": list(_PI0_IMAGE_KEYS),
+        },
+        tokenizer=None,
     ),
 ]
 

@@ -210,8 +210,40 @@ def resolve_norm_stats(config, source, transforms, sample, log=print):
     return stats, origin
 
 
+def check_actions(config, sample, settings):
+    """Raises a one-line ValueError unless the data's action chunks fit the model.
+
+    π0 / π0.5 zero-pad actions up to `action_dim`; π0-FAST tokenizes them as
+    they are and decodes (H, action_dim) chunks, so its widths must be equal.
+
+    Args:
+        config: the `TrainConfig`.
+        sample: a sample after the repack and robot transforms.
+        settings: the model's settings (`action_dim`).
+    """
+    width, action_dim = np.shape(sample["actions"])[-1], settings["action_dim"]
+    if config.model_type == "pi0_fast" and width != action_dim:
+        raise ValueError(
+            f"the data's actions have {width} dims but π0-FAST decodes chunks of its action_dim "
+            f"{action_dim}: --set model.action_dim={width}."
+        )
+    if width > action_dim:
+        raise ValueError(
+            f"the data's actions have {width} dims, more than the model's action_dim {action_dim}."
+        )
+
+
 def model_transforms(config, settings, tokenizer, norm_stats, robot):
-    """The whole input chain for training: robot → `Normalize` → model transforms (a list)."""
+    """The whole input chain for training: robot → `Normalize` → model transforms (a list).
+
+    Args:
+        config: the `TrainConfig` (its `model_type`, prompt and state options).
+        settings: the model's settings (`action_dim`, `action_horizon`, `image_resolution`).
+        tokenizer: the run's tokenizer (π0-FAST: its `FASTPromptTokenizer`).
+        norm_stats: `{key: NormStats}`.
+        robot: the repack and robot transforms (`robot_transforms`).
+    """
+    fast = config.model_type == "pi0_fast"
     model_group = pipeline.model_transforms(
         config.model_type,
         tokenizer=tokenizer,
@@ -219,6 +251,7 @@ def model_transforms(config, settings, tokenizer, norm_stats, robot):
         image_size=tuple(settings["image_resolution"]),
         default_prompt=config.data.default_prompt,
         discrete_state_input=config.discrete_state_input,
+        action_horizon=settings["action_horizon"] if fast else None,
     )
     chain = pipeline.build_transforms(
         robot=robot,

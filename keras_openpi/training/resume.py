@@ -22,11 +22,13 @@ from keras_openpi.checkpoint_format import checkpoint_problem
 from keras_openpi.checkpoint_format import holds
 from keras_openpi.checkpoint_format import read_state
 from keras_openpi.checkpoint_format import step_dirs
+from keras_openpi.training.config import upgrade_config_dict
 
 # Settings a resumed run must share with its checkpoint (dotted prefixes): they fix the
 # model and its fine-tuning, the batches, the noise and the transforms. The optimizer's
 # schedule, the step count, retention, paths and the distribution may change.
 FIXED_SETTINGS = (
+    "model_type",
     "model",
     "strategy",
     "ema_decay",
@@ -210,7 +212,7 @@ def check_resume_settings(saved, config, step_dir):
     """
     if not saved:
         return []
-    mine, theirs = _flatten(config.to_dict()), _flatten(saved)
+    mine, theirs = _flatten(config.to_dict()), _flatten(upgrade_config_dict(saved))
     conflicts, changes = [], []
     for key in sorted(set(mine) | set(theirs)):
         if mine.get(key) == theirs.get(key):

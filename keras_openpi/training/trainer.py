@@ -10,7 +10,6 @@ norm stats), so a wrong setting fails in seconds with a one-line reason.
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import pathlib
@@ -55,34 +54,102 @@ from keras_openpi.training.run_dir import remove_run_entries
 from keras_openpi.training.run_dir import run_entries
 
 
-def model_settings(config):
-    """`Pi0` arguments of a config: `config.model` over `Pi0`'s defaults."""
-    from keras_openpi.models.pi0 import Pi0
+def model_class(model_type):
+    """The class of openpi's `model_type`: `Pi0` (`pi0`, `pi05`) or `Pi0Fast` (`pi0_fast`)."""
+    from keras_openpi.models import Pi0
+    from keras_openpi.models import Pi0Fast
 
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(Pi0.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    settings = {**defaults, **config.model}
-    if settings["max_token_len"] is None:
-        settings["max_token_len"] = 200 if settings["pi05"] else 48
-    return settings
+    return Pi0Fast if model_type == "pi0_fast" else Pi0
+
+
+def model_settings(config, architecture=None):
+    """The run's model settings: the `get_config()` of the config's model, built without weights.
+
+    The model is `config.model` (with `pi05` from `config.model_type`) under
+    what the starting point fixes (`architecture`), built shapes-only by its
+    class, so its defaults and its checks are the model's own.
+
+    Args:
+        config: the `TrainConfig`.
+        architecture: model arguments that override the config's (a
+            checkpoint's or `.keras` file's config, openpi weights' variants).
+
+    Returns:
+        the model's config dict (`action_dim`, `action_horizon`,
+        `max_token_len`, `image_keys`, `image_resolution`, `vocabulary_size`, ...).
+
+    Raises:
+        ValueError: model arguments the model does not take or accept.
+    """
+    from keras_openpi.finetuning import shapes_only
+
+    arguments = dict(config.model)
+    if config.model_type != "pi0_fast":
+        arguments["pi05"] = config.model_type == "pi05"
+    arguments.update(architecture or {})
+    cls = model_class(config.model_type)
+    try:
+        with shapes_only():
+            model = cls.from_config(arguments)
+    except (TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"config {config.name!r}: its {config.model_type} model ({cls.__name__}) cannot be "
+            f"built from model={config.model}: {reason}"
+        ) from None
+    return model.get_config()
 
 
 def make_tokenizer(config, settings):
-    """The prompt tokenizer: `byte`, or the PaliGemma SentencePiece file `config.tokenizer`."""
+    """The prompt tokenizer of a run, for a model with `settings` (see `model_settings`).
+
+    π0 / π0.5: `byte`, or the PaliGemma SentencePiece file `config.tokenizer`.
+    π0-FAST: a `FASTPromptTokenizer` of `config.tokenizer` and the FAST
+    tokenizer directory `config.fast_tokenizer`.
+
+    Raises:
+        ValueError: a missing or unfit tokenizer, naming the setting.
+        FileNotFoundError: a tokenizer file that does not exist.
+    """
     from keras_openpi.tokenizers import ByteTokenizer
+    from keras_openpi.tokenizers import FASTPromptTokenizer
     from keras_openpi.tokenizers import PaliGemmaTokenizer
 
+    fast = config.model_type == "pi0_fast"
     if config.tokenizer is None:
         raise ValueError(
             f"config {config.name!r} needs the PaliGemma tokenizer: --set "
             "tokenizer=PATH/paligemma_tokenizer.model (gs://big_vision/paligemma_tokenizer.model)."
         )
-    if config.tokenizer == "byte":
-        return ByteTokenizer(settings["max_token_len"])
-    return PaliGemmaTokenizer(config.tokenizer, max_len=settings["max_token_len"])
+    max_len = settings["max_token_len"]
+    if fast:
+        if config.tokenizer == "byte":
+            raise ValueError(
+                f"config {config.name!r} trains π0-FAST, whose action tokens are PaliGemma "
+                "SentencePiece ids: the byte tokenizer cannot write them; --set "
+                "tokenizer=PATH/paligemma_tokenizer.model."
+            )
+        if config.fast_tokenizer is None:
+            raise ValueError(
+                f"config {config.name!r} trains π0-FAST: give its FAST action tokenizer with "
+                "--set fast_tokenizer=DIR (a local copy of physical-intelligence/fast)."
+            )
+        if not pathlib.Path(config.fast_tokenizer).is_dir():
+            raise FileNotFoundError(
+                f"fast_tokenizer {config.fast_tokenizer} is not a directory (expected a FAST "
+                "tokenizer: a local copy of physical-intelligence/fast)."
+            )
+        tokenizer = FASTPromptTokenizer(config.tokenizer, config.fast_tokenizer, max_len=max_len)
+    elif config.tokenizer == "byte":
+        tokenizer = ByteTokenizer(max_len)
+    else:
+        tokenizer = PaliGemmaTokenizer(config.tokenizer, max_len=max_len)
+    if tokenizer.vocabulary_size > settings["vocabulary_size"]:
+        raise ValueError(
+            f"the tokenizer {config.tokenizer} has {tokenizer.vocabulary_size:,} ids but the "
+            f"model's vocabulary has {settings['vocabulary_size']:,} (model.vocabulary_size)."
+        )
+    return tokenizer
 
 
 class Trainer:
@@ -166,13 +233,10 @@ class Trainer:
         sample = training_data.first_sample(self.source, robot.inputs)
         training_data.check_sample(sample)
         architecture = self._architecture()
-        self.settings.update({k: v for k, v in architecture.items() if k in self.settings})
+        if architecture:
+            self.settings = model_settings(config, architecture)
         self.tokenizer = make_tokenizer(config, self.settings)
-        if sample["actions"].shape[-1] > self.settings["action_dim"]:
-            raise ValueError(
-                f"the data's actions have {sample['actions'].shape[-1]} dims, more than the "
-                f"model's action_dim {self.settings['action_dim']}."
-            )
+        training_data.check_actions(config, sample, self.settings)
         stats_config = config
         self.asset_id = training_data.asset_id(config)
         if self.resume_state is not None:  # a resumed run normalizes with the stats it started with
@@ -200,15 +264,38 @@ class Trainer:
         return self
 
     def _architecture(self):
-        """The `Pi0` arguments fixed by the starting point: the checkpoint resumed, or the weights."""
+        """The model arguments fixed by the starting point: the checkpoint resumed, or the weights.
+
+        Raises:
+            ValueError: the weights are of another model type than the config's.
+        """
         config = self.config
         if self.resume_state is not None:
             return read_json(self.resume_dir / MODEL_FILE)["config"]
         if config.weights and config.weights.endswith(".keras"):
-            return read_keras_spec(config.weights, expected_classes=("Pi0",))["config"]
+            spec = self._keras_spec()
+            found = "pi0_fast" if spec["class_name"] == "Pi0Fast" else "pi0"
+            if found == "pi0" and spec["config"].get("pi05"):
+                found = "pi05"
+            self._check_weights_type(found)
+            return spec["config"]
         if config.weights:
             return self._openpi_params()[1]
         return {}
+
+    def _keras_spec(self):
+        from keras_openpi.convert.keras_file import POLICY_CLASSES
+
+        return read_keras_spec(self.config.weights, expected_classes=POLICY_CLASSES)
+
+    def _check_weights_type(self, found):
+        expected = self.config.model_type
+        if found != expected:
+            names = {"pi0": "π0", "pi05": "π0.5", "pi0_fast": "π0-FAST"}
+            raise ValueError(
+                f"the weights {self.config.weights} are a {names[found]} model; config "
+                f"{self.config.name!r} trains {names[expected]} (model_type {expected})."
+            )
 
     def _check_checkpoint_dir(self):
         """Decides what the run does with its directory: start, resume, re-export, or refuse."""
@@ -285,43 +372,48 @@ class Trainer:
         """The openpi checkpoint of `config.weights` (read once) and its architecture."""
         if getattr(self, "_params", None) is None:
             from keras_openpi.convert import load_openpi_params
+            from keras_openpi.convert import openpi_model_type
             from keras_openpi.convert import pi0_config_from_params
+            from keras_openpi.convert import pi0_fast_config_from_params
 
             params = load_openpi_params(self.config.weights)
-            self._params = (params, pi0_config_from_params(params))
+            self._check_weights_type(openpi_model_type(params))
+            if self.config.model_type == "pi0_fast":
+                self._params = (params, pi0_fast_config_from_params(params))
+            else:
+                self._params = (params, pi0_config_from_params(params))
         return self._params
 
     def _new_model(self, load_weights=True):
-        """The config's model with its strategy applied; the checkpoint's model when resuming."""
-        from keras_openpi.models.pi0 import Pi0
+        """The config's model with its strategy applied; the checkpoint's model when resuming.
 
+        A π0-FAST model carries the run's tokenizer (`FASTPromptTokenizer`),
+        so that its checkpoints and export decode actions.
+        """
         config = self.config
         if self.resume_state is not None:
-            return load_model_spec(self.resume_dir)
-        settings = dict(self.settings, seed=config.seed, augment=config.augment)
-        if config.weights and config.weights.endswith(".keras"):
-            spec = read_keras_spec(config.weights, expected_classes=("Pi0",))
+            model = load_model_spec(self.resume_dir)
+        elif config.weights and config.weights.endswith(".keras"):
+            spec = self._keras_spec()
             spec["config"].update(seed=config.seed, augment=config.augment)
             model = keras.saving.deserialize_keras_object(spec)
             if load_weights:
-                load_keras_weights(model, config.weights, expected_classes=("Pi0",))
-        elif config.weights:
-            from keras_openpi.convert import load_pi0_weights
-
-            params, architecture = self._openpi_params()
-            if architecture["pi05"] != bool(config.model.get("pi05")):
-                kinds = {True: "π0.5", False: "π0"}
-                raise ValueError(
-                    f"the weights {config.weights} are a {kinds[architecture['pi05']]} model; "
-                    f"config {config.name!r} trains {kinds[bool(config.model.get('pi05'))]}."
-                )
-            model = Pi0(**settings)
-            if load_weights:
-                load_pi0_weights(model, params)
-                self._params = None
+                load_keras_weights(model, config.weights, expected_classes=(spec["class_name"],))
         else:
-            model = Pi0(**settings)
-        model.apply_strategy(config.strategy)
+            settings = dict(self.settings, seed=config.seed, augment=config.augment)
+            model = model_class(config.model_type).from_config(settings)
+            if config.weights and load_weights:
+                from keras_openpi.convert import load_pi0_fast_weights
+                from keras_openpi.convert import load_pi0_weights
+
+                fast = config.model_type == "pi0_fast"
+                load = load_pi0_fast_weights if fast else load_pi0_weights
+                load(model, self._openpi_params()[0])
+                self._params = None
+        if model.model_type == "pi0_fast":
+            model.set_tokenizer(self.tokenizer)
+        if self.resume_state is None:
+            model.apply_strategy(config.strategy)
         return model
 
     def build(self):
