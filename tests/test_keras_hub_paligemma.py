@@ -7,14 +7,14 @@ from keras import ops
 
 from keras_openpi.convert import load_paligemma_weights
 from keras_openpi.convert import pi0_config_from_paligemma
-from keras_openpi.convert import pi0_fast_from_paligemma
 from keras_openpi.convert import pi0_from_paligemma
 from keras_openpi.convert import pi0_from_openpi
-from keras_openpi.convert.paligemma import language_weight_pairs
-from keras_openpi.convert.paligemma import vision_weight_pairs
 from keras_openpi.layers.masks import make_attention_mask
 from keras_openpi.layers.siglip import SigLIPEncoder
 from keras_openpi.models import Pi0
+from keras_openpi.models import Pi0Fast
+from keras_openpi.models.paligemma_weights import language_weight_pairs
+from keras_openpi.models.paligemma_weights import vision_weight_pairs
 
 keras_hub = pytest.importorskip("keras_hub")
 from keras_hub.src.models.pali_gemma.pali_gemma_vit import PaliGemmaVit  # noqa: E402
@@ -212,10 +212,10 @@ def test_pi0_prefix_hidden_states_equal_paligemmas(backbone, inputs):
 
 
 def test_pi0_from_paligemma_builds_pi05_from_a_preset(backbone, inputs, tmp_path):
-    """`pi0_from_paligemma` reads a PaliGemma preset through keras-hub's loader."""
+    """`Pi0.from_paligemma` reads a PaliGemma preset through keras-hub's loader."""
     images, tokens, mask = inputs
     backbone.save_to_preset(str(tmp_path / "paligemma"))
-    model = pi0_from_paligemma(
+    model = Pi0.from_paligemma(
         tmp_path / "paligemma",
         action_expert_variant=EXPERT,
         action_dim=4,
@@ -233,15 +233,29 @@ def test_pi0_from_paligemma_builds_pi05_from_a_preset(backbone, inputs, tmp_path
     with pytest.raises(
         ValueError,
         match=r"\['vocabulary_size'\] come from the PaliGemma backbone; do not pass them to "
-        r"pi0_from_paligemma",
+        r"Pi0.from_paligemma",
     ):
-        pi0_from_paligemma(backbone, action_expert_variant=EXPERT, vocabulary_size=10)
+        Pi0.from_paligemma(backbone, action_expert_variant=EXPERT, vocabulary_size=10)
+    # The function of `keras_openpi.convert` is the same conversion.
+    again = pi0_from_paligemma(
+        backbone,
+        action_expert_variant=EXPERT,
+        action_dim=4,
+        action_horizon=3,
+        max_token_len=LENGTH,
+        pi05=True,
+        image_keys=("base_0_rgb",),
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(again.gemma.token_embedding.embeddings),
+        ops.convert_to_numpy(model.gemma.token_embedding.embeddings),
+    )
 
 
 def test_pi0_fast_from_paligemma_is_paligemma(backbone, inputs):
     """π0-FAST is PaliGemma: prefix-LM hidden states and tied logits equal the backbone's."""
     images, tokens, mask = inputs
-    model = pi0_fast_from_paligemma(
+    model = Pi0Fast.from_paligemma(
         backbone, action_dim=4, action_horizon=3, max_token_len=LENGTH, image_keys=("base_0_rgb",)
     )
     pairs = vision_weight_pairs(backbone.vit_encoder, model.vision_encoder)

@@ -294,7 +294,7 @@ def test_loading_errors_name_the_preset(tmp_path):
     with pytest.raises(
         ValueError,
         match="holds a PaliGemmaBackbone, not a Pi0; start a policy from it with "
-        "keras_openpi.convert.pi0_from_paligemma",
+        "Pi0.from_paligemma",
     ):
         Pi0.from_preset(tmp_path / "paligemma")
     directory = tmp_path / "pi0"

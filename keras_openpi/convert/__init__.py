@@ -9,11 +9,11 @@ from keras_openpi.convert.openpi_export import export_openpi
 from keras_openpi.convert.openpi_export import to_openpi_params
 from keras_openpi.convert.openpi_lora import openpi_lora_config
 from keras_openpi.convert.openpi_params import load_openpi_params
-from keras_openpi.convert.paligemma import load_paligemma_weights
-from keras_openpi.convert.paligemma import pi0_config_from_paligemma
-from keras_openpi.convert.paligemma import pi0_fast_from_paligemma
-from keras_openpi.convert.paligemma import pi0_from_paligemma
-from keras_openpi.convert.paligemma import policy_from_paligemma
+from keras_openpi.models.paligemma_weights import load_paligemma_weights
+from keras_openpi.models.paligemma_weights import pi0_config_from_paligemma
+from keras_openpi.models.paligemma_weights import pi0_fast_from_paligemma
+from keras_openpi.models.paligemma_weights import pi0_from_paligemma
+from keras_openpi.models.paligemma_weights import policy_from_paligemma
 from keras_openpi.convert.pi0_fast_weights import PI0_FAST_EXPERTS
 from keras_openpi.convert.pi0_fast_weights import load_pi0_fast_weights
 from keras_openpi.convert.pi0_fast_weights import openpi_model_type

@@ -94,7 +94,7 @@ class SigLIPEncoder(keras.layers.Layer):
     of openpi's encodings on the fixture, and the two layers are 4.8e-7
     apart on a random tower whose outputs reach 3.3
     (`tests/test_keras_hub_paligemma.py`; the weights map one to one,
-    `keras_openpi.convert.paligemma`). In mixed bfloat16, openpi's
+    `keras_openpi.models.paligemma_weights`). In mixed bfloat16, openpi's
     precision, keras-hub embeds patches and positions and computes the
     attention logits and softmax in bfloat16, where openpi and this layer
     keep them in float32 (float32 embeddings here, and Keras'

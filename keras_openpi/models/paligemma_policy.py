@@ -45,7 +45,8 @@ class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
       one group per action expert, `projections`), `default_lora_targets()`,
       `remat_layers()`, `row_chunked_layers()`;
     - keras-hub presets (`PresetMixin`): `save_to_preset(dir)`,
-      `from_preset(dir_or_handle)`.
+      `from_preset(dir_or_handle)`; `from_paligemma(backbone_or_preset)`:
+      the VLM and vision tower of a keras-hub `PaliGemmaBackbone`.
 
     Subclasses build their heads after calling this constructor, then call
     `self.build()` and `self.enable_sequencing(layer_sequencing_default())`.
@@ -127,6 +128,28 @@ class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
             seed=None if seed is None else seed + 1, name="image_augmentation"
         )
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+
+    @classmethod
+    def from_paligemma(cls, backbone, **kwargs):
+        """This policy with a keras-hub PaliGemma's VLM and vision tower, as openpi starts π0.
+
+        Args:
+            backbone: a `keras_hub.models.PaliGemmaBackbone`, or a preset to
+                load one from (a local directory, `kaggle://`, `hf://`).
+            **kwargs: more constructor arguments (`action_dim`,
+                `action_horizon`, ...; π0: `action_expert_variant`, `pi05`),
+                not the ones the backbone fixes.
+
+        Returns:
+            the policy; weights the backbone does not have (π0's action expert
+            and projections) freshly initialized.
+
+        Example:
+        >>> model = Pi0.from_paligemma("/presets/pali_gemma_3b_224")  # doctest: +SKIP
+        """
+        from keras_openpi.models.paligemma_weights import policy_from_paligemma
+
+        return policy_from_paligemma(cls, backbone, **kwargs)
 
     def build(self, input_shape=None):
         if self.built:

@@ -20,8 +20,8 @@ The policies are not keras-hub `Backbone`s (docs/architecture.md says why):
 keras-hub's own message, naming the class to call `from_preset` on.
 keras-hub (and with it TensorFlow, when installed) is imported only when a
 preset is written or read. A policy started from a keras-hub PaliGemma is
-`keras_openpi.convert.pi0_from_paligemma` / `pi0_fast_from_paligemma`, not
-a classmethod here: models do not import `convert` (docs/architecture.md).
+`Pi0.from_paligemma(preset)` / `Pi0Fast.from_paligemma(preset)`
+(`models/paligemma_weights.py`).
 """
 
 import json
@@ -212,9 +212,6 @@ def _weight_files(preset, loader):
     return [index, *shards]
 
 
-_FROM_PALIGEMMA = {"Pi0Fast": "pi0_fast_from_paligemma"}
-
-
 def _check_finite(model, preset):
     """Raises a `ValueError` naming the first float weight that holds NaN or inf."""
     import keras
@@ -244,8 +241,8 @@ def load_preset(cls, preset, load_weights=True, **kwargs):
     if not (isinstance(found, type) and issubclass(found, cls)):
         hint = ""
         if found.__name__ == "PaliGemmaBackbone":
-            function = _FROM_PALIGEMMA.get(cls.__name__, "pi0_from_paligemma")
-            hint = f"; start a policy from it with keras_openpi.convert.{function}"
+            owner = "Pi0" if cls.__name__ == "PaliGemmaPolicy" else cls.__name__
+            hint = f"; start a policy from it with {owner}.from_paligemma"
         raise ValueError(f"the preset {preset} holds a {found.__name__}, not a {cls.__name__}{hint}.")
     weight_files = _weight_files(preset, loader) if load_weights else []
     model = _reading(preset, [config_file], lambda: loader.load_backbone(found, False, **kwargs))
@@ -275,7 +272,7 @@ class PresetMixin:
     """keras-hub presets for `PaliGemmaPolicy` models.
 
     Example:
-    >>> model = pi0_from_paligemma("pali_gemma_3b_224", action_dim=8)    # doctest: +SKIP
+    >>> model = Pi0.from_paligemma("pali_gemma_3b_224", action_dim=8)    # doctest: +SKIP
     >>> model.save_to_preset("pi0_robot", tokenizer=PaliGemmaTokenizer(...))  # doctest: +SKIP
     >>> keras_hub.upload_preset("hf://me/pi0_robot", "pi0_robot")         # doctest: +SKIP
     >>> model = Pi0.from_preset("hf://me/pi0_robot")                       # doctest: +SKIP

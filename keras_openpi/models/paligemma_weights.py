@@ -1,5 +1,8 @@
 """π0's VLM and vision tower from a keras-hub `PaliGemmaBackbone`, as openpi initializes π0.
 
+`Pi0.from_paligemma(backbone)` and `Pi0Fast.from_paligemma(backbone)` call
+`policy_from_paligemma` (`keras_openpi.convert` re-exports these functions).
+
 openpi builds π0 (and π0.5, π0-FAST) from PaliGemma-3B: the SigLIP tower, the
 Gemma token embedding, decoder blocks and final norm are PaliGemma's; the
 action expert and the action/state/time projections start fresh. keras-hub's
@@ -270,7 +273,7 @@ def load_paligemma_weights(model, backbone):
         target.assign(value.astype(target.dtype))
 
 
-_FUNCTIONS = {"Pi0": "pi0_from_paligemma", "Pi0Fast": "pi0_fast_from_paligemma"}
+_FUNCTIONS = {"Pi0": "Pi0.from_paligemma", "Pi0Fast": "Pi0Fast.from_paligemma"}
 
 
 def policy_from_paligemma(model_class, backbone, **kwargs):
@@ -316,7 +319,7 @@ def pi0_from_paligemma(backbone, action_expert_variant="gemma_300m", **kwargs):
     See `policy_from_paligemma`. The action expert
     (openpi: `gemma_300m`) must have the backbone's depth, heads and head dim.
     """
-    from keras_openpi.models import Pi0
+    from keras_openpi.models.pi0 import Pi0
 
     return policy_from_paligemma(
         Pi0, backbone, action_expert_variant=action_expert_variant, **kwargs
@@ -329,6 +332,6 @@ def pi0_fast_from_paligemma(backbone, **kwargs):
     See `policy_from_paligemma`. Every weight is
     the PaliGemma's.
     """
-    from keras_openpi.models import Pi0Fast
+    from keras_openpi.models.pi0_fast import Pi0Fast
 
     return policy_from_paligemma(Pi0Fast, backbone, **kwargs)
