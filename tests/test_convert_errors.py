@@ -319,7 +319,7 @@ def test_train_and_serve_refuse_a_keras_file_of_another_class(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == (
         f"keras-openpi train: error: {path} holds a keras.Sequential, not a keras_openpi policy; "
-        "expected keras_openpi>Pi0."
+        "expected keras_openpi>Pi0 or keras_openpi>Pi0Fast."
     )
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="holds a keras.Sequential"):
