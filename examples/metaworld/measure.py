@@ -28,12 +28,12 @@ import numpy as np  # noqa: E402
 from keras_openpi.backend import xla_memory  # noqa: E402
 from keras_openpi.training import get_config  # noqa: E402
 from keras_openpi.training.optimizer import make_optimizer  # noqa: E402
-from keras_openpi.training.trainer import keras_file_spec  # noqa: E402
+from keras_openpi.convert.keras_file import read_keras_spec  # noqa: E402
 
 
 def strategy_model(base, config, strategy):
     """The base's architecture (random weights: costs do not depend on them) with `strategy`."""
-    spec = keras_file_spec(base)
+    spec = read_keras_spec(base)
     spec["config"].update(seed=config.seed, augment=config.augment)
     model = keras.saving.deserialize_keras_object(spec)
     model.apply_strategy(strategy)
