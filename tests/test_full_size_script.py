@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import fixture_path
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -17,7 +18,6 @@ sys.path.insert(0, str(BENCHMARKS))
 import full_size  # noqa: E402
 from random_openpi_checkpoint import write_random_checkpoint  # noqa: E402
 
-FIXTURE = REPO.parent / "shared" / "fixtures" / "openpi" / "pi0.npz"
 STAGES = [
     "checkpoint",
     "convert",
@@ -80,7 +80,7 @@ def test_the_random_checkpoint_has_openpis_paths_and_shapes(tmp_path):
     metadata = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "params"))
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     loaded = load_openpi_params(tmp_path / "params")
-    with np.load(FIXTURE) as data:
+    with np.load(fixture_path("pi0.npz")) as data:
         expected = {
             k[len("params/") :]: data[k].shape
             for k in data.files
