@@ -31,11 +31,18 @@ from keras_openpi.training import get_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "metaworld"
 SIM_PYTHON_ENV = "KERAS_OPENPI_METAWORLD_PYTHON"
+# Top-level module names of the examples: the ALOHA example has a `run_all` and a
+# `make_dataset` too, so these are imported with none of them in `sys.modules`.
+EXAMPLE_MODULES = (
+    "evaluate", "make_dataset", "measure", "processes", "report", "run_all", "scripted_expert",
+    "sim_env", "tasks",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def example():
     """The example's modules that run with keras_openpi (tasks, make_dataset, report, run_all)."""
+    others = {name: sys.modules.pop(name) for name in EXAMPLE_MODULES if name in sys.modules}
     sys.path.insert(0, str(EXAMPLE))
     try:
         import make_dataset
@@ -44,6 +51,10 @@ def example():
         import tasks
     finally:
         sys.path.remove(str(EXAMPLE))
+        for name in EXAMPLE_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(others)
+    assert pathlib.Path(run_all.__file__).parent == EXAMPLE
     return dict(tasks=tasks, make_dataset=make_dataset, report=report, run_all=run_all)
 
 
