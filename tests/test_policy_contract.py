@@ -150,3 +150,14 @@ def test_small_models():
             assert small_model(name).model_type == ("pi05" if name == "pi05_tiny" else model_type)
     with pytest.raises(ValueError, match="Unknown small model 'pi0_huge'; expected one of"):
         small_model("pi0_huge")
+
+
+def test_a_subclass_without_loss_or_sampler_is_told_what_to_define():
+    class Half(PaliGemmaPolicy):
+        pass
+
+    model = Half.__new__(Half)  # the contract's stubs need no built layers
+    with pytest.raises(NotImplementedError, match=r"Half must define unreduced_loss\(\)"):
+        model.unreduced_loss({})
+    with pytest.raises(NotImplementedError, match=r"Half must define sample_actions\(\)"):
+        model.sample_actions({})

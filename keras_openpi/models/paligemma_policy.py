@@ -260,7 +260,9 @@ class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
 
     def unreduced_loss(self, observation, actions=None, training=False):
         """openpi's `compute_loss`, before the batch mean (see the subclass)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define unreduced_loss() to train as a PaliGemmaPolicy."
+        )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """Keras' loss hook: the mean of `unreduced_loss(x, y)`, each example weighted by `sample_weight`."""
@@ -274,7 +276,9 @@ class PaliGemmaPolicy(PresetMixin, FinetuningMixin, StepLogsMixin, keras.Model):
 
     def sample_actions(self, observation, **options):
         """(B, action_horizon, action_dim) float32 actions for an observation (see the subclass)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must define sample_actions() to serve as a PaliGemmaPolicy."
+        )
 
     # === Fine-tuning declarations (see FinetuningMixin) ===
 
