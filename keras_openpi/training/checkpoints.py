@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 import keras_openpi.models  # noqa: F401  registers the classes a checkpoint's model.json names
+from keras_openpi.backend.keras_private import ema_pairs
 from keras_openpi.backend.multiprocess import broadcast_int
 from keras_openpi.backend.multiprocess import finite_flags
 from keras_openpi.backend.multiprocess import process_count
@@ -80,8 +81,6 @@ _PROCESS_FILES = re.compile(r"/ocdbt\.process_(\d+)/")
 
 
 def _ema_pairs(model):
-    from keras_openpi.backend.keras_private import ema_pairs
-
     optimizer = getattr(model, "optimizer", None)
     return ema_pairs(optimizer) if optimizer is not None else []
 
