@@ -91,6 +91,20 @@ def test_infinite_and_impossible_weights_are_refused(tmp_path, pi0_params):
             load_openpi_params(tmp_path / "bad.npz")
 
 
+def test_bfloat16_weights_are_checked_as_stored():
+    """Released trees are bf16 and kept so; bf16 is not `np.floating`, yet it is checked."""
+    import ml_dtypes
+
+    from keras_openpi.convert.openpi_params import check_weight
+
+    for value, expected in ((np.nan, "holds nan at index (1, 2)"), (3e9, "holds 3.003e+09")):  # 3e9 in bf16
+        array = np.zeros((2, 3), ml_dtypes.bfloat16)
+        array[1, 2] = value
+        with pytest.raises(ValueError, match=re.escape(f"weight 'w' {expected}")):
+            check_weight("w", array, "ckpt")
+    check_weight("w", np.full((2, 3), 1e5, ml_dtypes.bfloat16), "ckpt")
+
+
 def test_random_bytes_in_an_orbax_data_file_are_refused(tmp_path, capsys):
     """Random floats written over raw (incompressible) data: no decoder notices, the check does."""
     params_dir = _writable_checkpoint_copy(tmp_path)

@@ -49,11 +49,13 @@ def merge_openpi_lora(params, scale=1.0):
         if kind not in _MERGES:
             raise ValueError(f"Don't know how to merge the openpi LoRA weight {key!r}.")
         equation, scaled = _MERGES[kind]
-        lora_a, lora_b = params[key], params[b_key]
+        # In float32, whatever the stored dtype (a bfloat16 checkpoint's merge is not rounded twice).
+        lora_a, lora_b = (np.asarray(params[k], np.float32) for k in (key, b_key))
         if kind == "attn_vec_einsum":
             lora_b = lora_b.sum(axis=1)
         delta = np.einsum(equation, lora_a, lora_b)
-        merged[base_key] = params[base_key] + (scale if scaled else 1.0) * delta
+        base = np.asarray(params[base_key], np.float32)
+        merged[base_key] = base + (scale if scaled else 1.0) * delta
         check_weight(base_key, merged[base_key], f"the LoRA merge (lora_scale={scale})")
         del merged[key], merged[b_key]
     return merged

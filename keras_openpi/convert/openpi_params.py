@@ -23,6 +23,17 @@ from keras_openpi.data.transforms import flatten_dict
 
 # No trained weight comes near this; random bytes read as floats do (about 4 in 10 of them).
 MAX_ABS_WEIGHT = 1e6
+# The dtypes a parameter is kept in as stored (openpi releases bfloat16 and float32 trees);
+# float64 is read as float32, anything else is an error.
+KEPT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def is_float(dtype):
+    """True for numpy's floating dtypes and ml_dtypes' (bfloat16 is not `np.floating`)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16",) or (
+        dtype.name.startswith("float8")
+    )
 
 
 def check_weight(name, array, source):
@@ -36,7 +47,7 @@ def check_weight(name, array, source):
         array: a numpy array.
         source: the file it came from, for the message.
     """
-    if array.size == 0 or not np.issubdtype(array.dtype, np.floating):
+    if array.size == 0 or not is_float(array.dtype):
         return
     low, high = array.min(), array.max()
     if -MAX_ABS_WEIGHT <= low and high <= MAX_ABS_WEIGHT:
@@ -184,7 +195,11 @@ def _read_npz(path):
 
 
 def load_openpi_params(path):
-    """Loads openpi parameters into a flat `{openpi_path: float32 array}` dict.
+    """Loads openpi parameters into a flat `{openpi_path: array}` dict, in their stored dtype.
+
+    Arrays stay float32, bfloat16 or float16 as stored (float64 becomes float32),
+    so a released bfloat16 checkpoint is held once, in half the memory of
+    float32; the weight maps cast one weight at a time into the model's dtype.
 
     Args:
         path: an openpi orbax `params/` directory (released or written by
@@ -195,6 +210,7 @@ def load_openpi_params(path):
 
     Returns:
         dict mapping paths like `PaliGemma/llm/layers/attn/q_einsum/w` to arrays.
+        The read tree is emptied as the dict fills, so no array is held twice.
 
     Raises:
         FileNotFoundError: nothing at `path`.
@@ -213,15 +229,18 @@ def load_openpi_params(path):
     else:
         flat = _read_npz(path)
     params = {}
-    for key, value in flat.items():
+    for key in list(flat):
         name = _normalize_path(key)
-        array = np.asarray(value)
-        if array.dtype.kind in "bOSUM":
+        array = np.asarray(flat.pop(key))
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        if array.dtype.name not in KEPT_DTYPES:
             raise ValueError(
-                f"{path}: weight {name!r} has dtype {array.dtype}; expected floating point."
+                f"{path}: weight {name!r} has dtype {array.dtype}; expected floating point "
+                f"({', '.join(KEPT_DTYPES)} or float64)."
             )
-        params[name] = array.astype(np.float32)
-        check_weight(name, params[name], path)
+        check_weight(name, array, path)
+        params[name] = array
     if not params:
         raise ValueError(f"{path!r} holds no parameters.")
     return params
