@@ -6,7 +6,7 @@
 #                     keras_openpi and talks to the policy server through openpi's websocket
 #                     client, like a robot)
 #   Mesa EGL          software rendering (MUJOCO_GL=egl): Debian packages, installed when
-#                     missing (the same as examples/aloha_sim/setup.sh)
+#                     missing (examples/common/sim_setup.sh, shared with examples/aloha_sim)
 #
 # Idempotent and quick when done: a render check decides whether anything is installed.
 # Environment: PYTHON (default python3), KERAS_OPENPI_METAWORLD_VENV (default <repo>/.venv-metaworld).
@@ -18,9 +18,6 @@ PYTHON="${PYTHON:-python3}"
 # imports typing_extensions without declaring it.
 REQUIREMENTS=(metaworld==3.1.1 mujoco==3.3.0 gymnasium==1.4.0 openpi-client==0.1.2
   numpy==1.26.4 packaging typing_extensions imageio==2.38.2)
-STAMP="$VENV/.keras-openpi-metaworld"
-# Mesa's EGL with its software (llvmpipe) driver, and libGL for PyOpenGL.
-GL_PACKAGES=(libegl1 libegl-mesa0 libgl1 libglx-mesa0 libgl1-mesa-dri)
 
 render_check() {
   MUJOCO_GL=egl "$VENV/bin/python" - <<'EOF'
@@ -37,35 +34,6 @@ EOF
 }
 export METAWORLD_DIR="$REPO/examples/metaworld"
 
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]; then
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "${REQUIREMENTS[@]}"
-  echo "${REQUIREMENTS[*]}" > "$STAMP"
-fi
-
-if ! render_check 2>/dev/null; then
-  missing=()
-  for package in "${GL_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-      || missing+=("$package")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then
-      command -v sudo >/dev/null || {
-        echo "setup.sh: headless rendering needs the Debian packages ${missing[*]}:" \
-          "install them as root (apt-get install ${missing[*]})." >&2
-        exit 1
-      }
-      SUDO="sudo"
-    fi
-    echo "setup.sh: installing ${missing[*]}"
-    $SUDO apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-      "${missing[@]}" >/dev/null
-  fi
-  render_check || {
-    echo "setup.sh: MuJoCo cannot render with MUJOCO_GL=egl (see the error above)." >&2
-    exit 1
-  }
-fi
+source "$REPO/examples/common/sim_setup.sh"
+sim_venv "$VENV" "$PYTHON" "${REQUIREMENTS[@]}"
+headless_rendering render_check
