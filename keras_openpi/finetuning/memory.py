@@ -28,15 +28,19 @@ def cast_frozen(model, dtype="bfloat16"):
     if not keras.backend.is_float_dtype(dtype):
         raise ValueError(f"Frozen weights can be cast to a float dtype, got {dtype!r}.")
     owners = owning_layers(model)
-    targets = {
-        id(v): v
+    targets = [
+        v
         for v in model.weights
         if not v.trainable
         and keras.backend.is_float_dtype(v.dtype)
         and keras.backend.standardize_dtype(v.dtype) != dtype
         and not getattr(owners[id(v)], "quantization_mode", None)
-    }
-    for variable in targets.values():
+    ]
+    count = len(targets)
+    # Popped one at a time, so that each old weight is freed once replaced: the peak is
+    # the model plus one weight, not the model in both dtypes.
+    while targets:
+        variable = targets.pop()
         layer = owners[id(variable)]
 
         def cast_copy(layer=layer, variable=variable):
@@ -50,7 +54,8 @@ def cast_frozen(model, dtype="bfloat16"):
             )
 
         replace_variable(layer, variable, cast_copy)
-    return len(targets)
+        del variable, cast_copy
+    return count
 
 
 def quantization_mode(quantize):
