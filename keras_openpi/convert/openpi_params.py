@@ -17,6 +17,7 @@ import time
 import zipfile
 import zlib
 
+import keras
 import numpy as np
 
 from keras_openpi.data.transforms import flatten_dict
@@ -26,14 +27,6 @@ MAX_ABS_WEIGHT = 1e6
 # The dtypes a parameter is kept in as stored (openpi releases bfloat16 and float32 trees);
 # float64 is read as float32, anything else is an error.
 KEPT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def is_float(dtype):
-    """True for numpy's floating dtypes and ml_dtypes' (bfloat16 is not `np.floating`)."""
-    dtype = np.dtype(dtype)
-    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16",) or (
-        dtype.name.startswith("float8")
-    )
 
 
 def check_weight(name, array, source):
@@ -47,7 +40,8 @@ def check_weight(name, array, source):
         array: a numpy array.
         source: the file it came from, for the message.
     """
-    if array.size == 0 or not is_float(array.dtype):
+    # Keras' test, not np.floating: ml_dtypes' bfloat16 (openpi's released dtype) is not np.floating.
+    if array.size == 0 or not keras.backend.is_float_dtype(array.dtype):
         return
     low, high = array.min(), array.max()
     if -MAX_ABS_WEIGHT <= low and high <= MAX_ABS_WEIGHT:

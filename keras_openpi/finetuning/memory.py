@@ -54,7 +54,6 @@ def cast_frozen(model, dtype="bfloat16"):
             )
 
         replace_variable(layer, variable, cast_copy)
-        del variable, cast_copy
     return count
 
 
