@@ -10,8 +10,10 @@ what a user does with a real one, each stage in a fresh process:
 3. `load`: check the archive (zip64 records once it passes 4 GiB, every
    member's CRC-32) and load it (`load_keras_policy`);
 4. `finetune`: load again, then `lora` (`apply_strategy("lora",
-   frozen_dtype="bfloat16")`), `fit` (one AdamW step at batch 1, compile
-   included) and `save` (the fine-tuned `.keras`, then its archive checked);
+   frozen_dtype="bfloat16", remat=True)`, as the training configs' LoRA;
+   without remat the step keeps a float32 copy of every frozen kernel for
+   the backward pass), `fit` (one AdamW step at batch 1, compile included)
+   and `save` (the fine-tuned `.keras`, then its archive checked);
 5. `serve`: `Policy.from_checkpoint` on the fine-tuned file (sampler compiled
    at construction) answering one request.
 
@@ -26,7 +28,7 @@ deleted as soon as no later stage reads them, and at the end, unless `--keep`.
 
 Usage:
     python benchmarks/full_size.py [--variant pi0|pi0-2-layers|tiny] [--workdir DIR] [--keep]
-        [--params-dtype bfloat16|float32] [--freeze-vision] [--json PATH]
+        [--params-dtype bfloat16|float32] [--freeze-vision] [--no-remat] [--json PATH]
 
 `pi0` is the released size (3,238,048,528 parameters; about 36 GB of disk
 at the peak, 40 GB with `--keep`); `pi0-2-layers` has π0's widths with two
@@ -254,9 +256,10 @@ def stage_finetune(args, out):
     steps = Steps()
     model = steps.run("load (for fine-tuning)", load_keras_policy, out["converted"])
     steps.run("lora", model.apply_strategy, "lora", frozen_dtype="bfloat16",
-              freeze_vision=args.freeze_vision)  # fmt: skip
+              freeze_vision=args.freeze_vision, remat=args.remat)  # fmt: skip
     summary = model.trainable_summary()["total"]
     steps.note(
+        rematerialized_layers=sum("remat" in l.call_levers for l in model.remat_layers()),
         trainable_parameters=int(summary["trainable"]),
         frozen_parameters=int(summary["frozen"]),
         weight_gib=round(
@@ -366,7 +369,8 @@ def _stage_command(args, name, result):
     return [
         sys.executable, __file__, "--stage", name, "--stage-json", str(result),
         "--variant", args.variant, "--workdir", str(args.workdir), "--params-dtype", args.params_dtype,
-    ] + (["--freeze-vision"] if args.freeze_vision else [])  # fmt: skip
+    ] + (["--freeze-vision"] if args.freeze_vision else []) + (
+        [] if args.remat else ["--no-remat"])  # fmt: skip
 
 
 def _convert_command(args, out):
@@ -437,9 +441,11 @@ def run_all(args):
     in_process("serve")
     return dict(
         variant=args.variant,
+        command=" ".join(["python", "benchmarks/full_size.py", *args.argv]),
         config=VARIANTS[args.variant],
         params_dtype=args.params_dtype,
-        strategy=dict(name="lora", frozen_dtype="bfloat16", freeze_vision=args.freeze_vision),
+        strategy=dict(name="lora", frozen_dtype="bfloat16", freeze_vision=args.freeze_vision,
+                      remat=args.remat),  # fmt: skip
         machine=_machine(),
         stages=stages,
         max_peak_rss_gib=max(s["process_peak_rss_gib"] for s in stages),
@@ -473,11 +479,16 @@ def main(argv=None):
                         help="stored dtype of the openpi checkpoint (openpi's releases: bfloat16)")  # fmt: skip
     parser.add_argument("--freeze-vision", action="store_true",
                         help="LoRA with the vision tower frozen too (43 M trainable instead of 458 M)")  # fmt: skip
+    parser.add_argument("--no-remat", dest="remat", action="store_false",
+                        help="LoRA without rematerialization (the training configs' LoRA remats; "
+                             "without it the fit step keeps a float32 copy of every frozen "
+                             "bfloat16 kernel for the backward pass)")  # fmt: skip
     parser.add_argument("--json", type=pathlib.Path, default=None,
                         help="default: results/full_size.json (pi0), results/full_size_<variant>.json")  # fmt: skip
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--stage-json", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("KERAS_BACKEND", "jax")
     if args.stage:
         import keras_openpi.models

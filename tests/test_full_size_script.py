@@ -1,5 +1,6 @@
 """benchmarks/full_size.py end to end on its tiny variant, and its random openpi checkpoint."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -59,7 +60,15 @@ def test_the_tiny_variant_runs_every_stage(tmp_path):
         lora["trainable_parameters"] + lora["frozen_parameters"]
         > stages["load"]["parameters"]
     )
+    # The training configs' LoRA: rematerialized (without it the step keeps a
+    # float32 copy of every frozen kernel): the one Gemma decoder block (VLM and
+    # action expert) and the one SigLIP block of the tiny variant.
+    assert result["strategy"] == dict(
+        name="lora", frozen_dtype="bfloat16", freeze_vision=False, remat=True
+    )
+    assert lora["rematerialized_layers"] == 2
     assert np.isfinite(stages["fit (1 step, batch 1)"]["loss"])
+    assert result["command"].startswith("python benchmarks/full_size.py --variant tiny --workdir")
     assert result["machine"]["cores"] >= 1 and result["machine"]["ram_gib"] > 0
     assert "tiny" in run.stdout and "serve: 1 request" in run.stdout  # the table
     assert not any(workdir.rglob("*.keras")) and not (workdir / "openpi").exists()
@@ -114,6 +123,17 @@ def test_the_zip_report_refuses_a_file_past_4_gib_without_zip64_records(tmp_path
         ValueError, match=r"big.keras is 4.00 GiB but has no zip64 end records"
     ):
         full_size.zip_report(big)
+
+
+def test_the_stage_processes_get_the_strategy_flags(tmp_path):
+    args = argparse.Namespace(
+        variant="tiny", workdir=tmp_path, params_dtype="bfloat16", freeze_vision=True, remat=False
+    )
+    command = full_size._stage_command(args, "finetune", tmp_path / "finetune.json")
+    assert command[-2:] == ["--freeze-vision", "--no-remat"]
+    args.freeze_vision, args.remat = False, True
+    command = full_size._stage_command(args, "finetune", tmp_path / "finetune.json")
+    assert command[-2:] == ["--params-dtype", "bfloat16"]
 
 
 def test_a_used_workdir_is_refused(tmp_path):
