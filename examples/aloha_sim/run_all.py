@@ -28,17 +28,17 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1] / "common"))
 
 from make_dataset import make_dataset  # noqa: E402
+from processes import PolicyServer  # noqa: E402
+from processes import run  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -113,102 +113,6 @@ BUDGETS = {
 
 def sim_python():
     return pathlib.Path(os.environ.get(SIM_PYTHON_ENV, REPO / ".venv-sim" / "bin" / "python"))
-
-
-def run(command, log, timeout=None):
-    """Runs `command`, echoing its output to stdout and to the file `log`.
-
-    Raises:
-        RuntimeError: it failed, or ran past `timeout` seconds (then it is killed).
-    """
-    print("$ " + " ".join(map(str, command)), flush=True)
-    expired = threading.Event()
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-
-        def kill():
-            expired.set()
-            process.kill()
-
-        timer = threading.Timer(timeout, kill) if timeout else None
-        if timer:
-            timer.start()
-        try:
-            for line in process.stdout:
-                out.write(line)
-                if not line.startswith(("    ", "Traceback", "RuntimeError", "Exception ignored")):
-                    sys.stdout.write(line)
-            code = process.wait()
-        finally:
-            if timer:
-                timer.cancel()
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    scripts = [pathlib.Path(str(c)).name for c in command if str(c).endswith((".py", ".sh"))]
-    name = scripts[0] if scripts else " ".join(map(str, command[1:3]))
-    if expired.is_set():
-        raise RuntimeError(f"{name} ran past {timeout} s and was killed; see {log}")
-    if code != 0:
-        raise RuntimeError(f"{name} failed with exit code {code}; see {log}")
-
-
-class PolicyServer:
-    """`keras-openpi serve MODEL --robot aloha --port 0` in a subprocess, its log in a file.
-
-    Args:
-        model: the `.keras` policy.
-        log: the file that gets the server's log.
-        tokenizer: `--tokenizer` (None: the server's default, `byte` for small models).
-    """
-
-    def __init__(self, model, log, tokenizer=None):
-        self.command = [
-            sys.executable, "-m", "keras_openpi", "serve", str(model), "--robot", "aloha",
-            "--port", "0", "--default-prompt", PROMPT, "--seed", "0",
-        ]
-        if tokenizer:
-            self.command += ["--tokenizer", str(tokenizer)]
-        self.log_path = log
-        self.port = None
-
-    def __enter__(self):
-        print("$ " + " ".join(self.command), flush=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
-        ready = threading.Event()
-
-        def read():
-            with open(self.log_path, "w") as log:
-                for line in self.process.stderr:
-                    log.write(line)
-                    log.flush()
-                    match = re.search(r"listening on ws://[\d.]+:(\d+)", line)
-                    if match:
-                        self.port = int(match.group(1))
-                        ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 600
-        while not ready.wait(1):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"the policy server did not start; see {self.log_path}")
-        print(f"policy server listening on port {self.port}", flush=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def train_command(budget, dataset, assets_dir, *, config=None, weights=None, tokenizer=None,
@@ -293,7 +197,8 @@ def run_all(budget, output, *, weights=None, tokenizer=None, config=None, overri
 
     start = time.time()
     results_path, video = output / "eval.json", output / "episode.mp4"
-    server = PolicyServer(run_dir / "export" / "policy.keras", logs / "serve.log", tokenizer)
+    options = ["--default-prompt", PROMPT] + (["--tokenizer", tokenizer] if tokenizer else [])
+    server = PolicyServer(run_dir / "export" / "policy.keras", logs / "serve.log", "aloha", options)
     with server:
         run(
             [

@@ -38,6 +38,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "common"))
 
 from make_dataset import make_dataset  # noqa: E402
 from processes import PolicyServer  # noqa: E402
@@ -287,7 +288,7 @@ class Study:
         paths[next(iter(paths))].parent.mkdir(parents=True, exist_ok=True)
         options = ["--tokenizer", self.tokenizer] if self.tokenizer else []
         results = {}
-        with PolicyServer(model, self.logs / f"serve_{name}.log", options) as server:
+        with PolicyServer(model, self.logs / f"serve_{name}.log", "metaworld", options) as server:
             for key, (tasks, episodes) in evaluations.items():
                 self.timed(phase, run(
                     [
