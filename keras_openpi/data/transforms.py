@@ -571,18 +571,10 @@ class Normalize:
     def __call__(self, data):
         if self.norm_stats is None:
             return data
-        for key, stats in self.norm_stats.items():
-            keys = _find_path(data, key)
-            if keys is not None:
-                data = _replace_path(
-                    data, keys, lambda x: normalize(x, stats, self.use_quantiles, key=key)
-                )
-            elif self.strict:
-                raise ValueError(
-                    f"Normalize: norm stats key {key!r} is not in the sample "
-                    f"{sorted(flatten_dict(data))} (strict=True)."
-                )
-        return data
+        missing = "is not in the sample {keys} (strict=True)." if self.strict else None
+        return _per_stats_key(
+            data, self.norm_stats, self.use_quantiles, normalize, "Normalize", missing
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,16 +603,28 @@ class Unnormalize:
     def __call__(self, data):
         if self.norm_stats is None:
             return data
-        for key, stats in self.norm_stats.items():
-            keys = _find_path(data, key)
-            if keys is not None:
-                data = _replace_path(
-                    data, keys, lambda x: unnormalize(x, stats, self.use_quantiles, key=key)
-                )
-            elif self.strict:
-                raise ValueError(
-                    f"Unnormalize: norm stats key {key!r} is not in the outputs "
-                    f"{sorted(flatten_dict(data))} (keep the input 'state' in the outputs as "
-                    "openpi's policy does, or pass strict=False)."
-                )
-        return data
+        missing = (
+            "is not in the outputs {keys} (keep the input 'state' in the outputs as openpi's "
+            "policy does, or pass strict=False)."
+            if self.strict
+            else None
+        )
+        return _per_stats_key(
+            data, self.norm_stats, self.use_quantiles, unnormalize, "Unnormalize", missing
+        )
+
+
+def _per_stats_key(data, norm_stats, use_quantiles, function, name, missing):
+    """Applies `function(x, stats, use_quantiles, key=key)` to the value at each stats key.
+
+    A key `data` lacks raises `ValueError` when `missing` (a message with `{keys}`, the
+    sample's keys) is given, and is skipped when it is None.
+    """
+    for key, stats in norm_stats.items():
+        path = _find_path(data, key)
+        if path is not None:
+            data = _replace_path(data, path, lambda x: function(x, stats, use_quantiles, key=key))
+        elif missing is not None:
+            keys = sorted(flatten_dict(data))
+            raise ValueError(f"{name}: norm stats key {key!r} " + missing.format(keys=keys))
+    return data
