@@ -120,7 +120,12 @@ def apply_strategy(
             `"int8"` (Keras' default: int8 weights and activations),
             `"int8_weight_only"` (int8 weights, float activations) or a
             `keras.quantizers.QuantizationConfig`.
-        remat: rematerialize the model's `remat_layers()` (decoder blocks) in training.
+        remat: rematerialize the model's `remat_layers()` (decoder and SigLIP
+            blocks) in training. Needed at full size with bfloat16 frozen
+            weights on a CPU: there XLA computes bf16 products in float32 and,
+            without remat, keeps the float32 copy of every frozen kernel for
+            the backward pass (README, "The full-size path"). The training
+            configs' LoRA sets it.
 
     Returns:
         the `Strategy` applied.
