@@ -10,15 +10,14 @@ made by `examples/aloha_sim/setup.sh` (scripts/test.sh runs it).
 
 import json
 import math
-import os
 import pathlib
-import signal
-import subprocess
 import sys
 
 import av
 import numpy as np
 import pytest
+import sim_support
+from sim_support import run
 
 from keras_openpi.models import Pi0
 from keras_openpi.training import get_config
@@ -29,39 +28,9 @@ SIM_PYTHON_ENV = "KERAS_OPENPI_SIM_PYTHON"
 
 
 def sim_python():
-    path = pathlib.Path(os.environ.get(SIM_PYTHON_ENV, REPO / ".venv-sim" / "bin" / "python"))
-    if not path.exists():
-        pytest.fail(
-            f"the ALOHA simulator's python {path} not found: run scripts/test.sh (it runs "
-            f"examples/aloha_sim/setup.sh, which creates .venv-sim with gym-aloha and "
-            f"openpi-client and installs Mesa's EGL) or set {SIM_PYTHON_ENV}."
-        )
-    return str(path)
-
-
-def run(command, timeout, **env):
-    """Runs `command` in its own process group; kills the whole group (the policy server
-    and the simulator included) and fails if it runs past `timeout` seconds."""
-    process = subprocess.Popen(
-        list(map(str, command)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **env),
-        start_new_session=True,
+    return sim_support.sim_python(
+        SIM_PYTHON_ENV, ".venv-sim", "the ALOHA simulator", "gym-aloha", "aloha_sim"
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command[1]} ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 0, f"{command[1]} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    return stdout
 
 
 def test_scripted_expert_transfers_the_cube(tmp_path):

@@ -10,15 +10,14 @@ what the policies learn.
 
 import json
 import math
-import os
 import pathlib
-import signal
-import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
+import sim_support
+from sim_support import run
 
 from keras_openpi.data.robots import MetaworldInputs
 from keras_openpi.data.robots import MetaworldOutputs
@@ -59,34 +58,9 @@ def example():
 
 
 def sim_python():
-    path = pathlib.Path(os.environ.get(SIM_PYTHON_ENV, REPO / ".venv-metaworld" / "bin" / "python"))
-    if not path.exists():
-        pytest.fail(
-            f"MetaWorld's python {path} not found: run scripts/test.sh (it runs "
-            f"examples/metaworld/setup.sh, which creates .venv-metaworld with metaworld and "
-            f"openpi-client and installs Mesa's EGL) or set {SIM_PYTHON_ENV}."
-        )
-    return str(path)
-
-
-def run(command, timeout, **env):
-    """Runs `command` in its own process group; kills the whole group past `timeout` seconds."""
-    process = subprocess.Popen(
-        list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, **env), start_new_session=True,
+    return sim_support.sim_python(
+        SIM_PYTHON_ENV, ".venv-metaworld", "MetaWorld", "metaworld", "metaworld"
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command[1]} ran past {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 0, f"{command[1]} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    return stdout
 
 
 # === The robot mapping ===
