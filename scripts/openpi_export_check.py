@@ -133,6 +133,7 @@ def openpi_side(args):
     """Runs in openpi's environment: restore the export, load it into openpi's model, sample."""
     sys.path.insert(0, str(FIXTURES))
     from generate import import_openpi
+    from generate import openpi_observation
 
     import_openpi(args.openpi_src)
     import jax
@@ -151,16 +152,9 @@ def openpi_side(args):
     model = config.load(params, remove_extra_params=False)  # every array must be openpi's
     with np.load(args.inputs) as data:
         inputs = {k: data[k] for k in data.files}
-    keys = sorted(k[len("input/images/") :] for k in inputs if k.startswith("input/images/"))
-    observation = openpi_model.Observation(
-        images={k: jnp.asarray(inputs[f"input/images/{k}"]) for k in keys},
-        image_masks={k: jnp.asarray(inputs[f"input/masks/{k}"]) for k in keys},
-        state=jnp.asarray(inputs["input/state"]),
-        tokenized_prompt=jnp.asarray(inputs["input/toks"]),
-        tokenized_prompt_mask=jnp.asarray(inputs["input/tmask"]),
-    )
     actions = model.sample_actions(
-        jax.random.key(0), observation, noise=jnp.asarray(inputs["input/noise"]), num_steps=NUM_STEPS
+        jax.random.key(0), openpi_observation(inputs), noise=jnp.asarray(inputs["input/noise"]),
+        num_steps=NUM_STEPS,
     )
     np.save(args.output, np.asarray(actions))
     return 0
