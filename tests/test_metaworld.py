@@ -272,6 +272,22 @@ def test_budgets_cover_the_study(example):
 
 
 @pytest.mark.slow
+def test_a_resumed_study_adds_its_times_to_the_earlier_parts(example, tmp_path, monkeypatch):
+    run_all = example["run_all"]
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))  # Study sets a default
+    results = tmp_path / "metaworld.json"
+    results.write_text(json.dumps({"seconds": {
+        "training": {"wall_s": 10.0, "cpu_s": 8.0}, "total": {"wall_s": 12.0, "parts": 1},
+    }}))  # fmt: skip
+    for resume, expected in [
+        (True, {"training": {"wall_s": 15.0, "cpu_s": 12.0}, "total": {"wall_s": 19.5, "parts": 2}}),
+        (False, {"training": {"wall_s": 5.0, "cpu_s": 4.0}, "total": {"wall_s": 7.5, "parts": 1}}),
+    ]:
+        study = run_all.Study(run_all.BUDGETS["tiny"], tmp_path / "study", resume=resume)
+        study.timed("training", {"wall_s": 5.0, "cpu_s": 4.0})
+        assert study.seconds(7.5, results) == expected
+
+
 def test_run_all_tiny_budget_runs_the_whole_study(tmp_path):
     out = run(
         [sys.executable, EXAMPLE / "run_all.py", "--budget", "tiny", "--output", tmp_path],
@@ -311,6 +327,9 @@ def test_run_all_tiny_budget_runs_the_whole_study(tmp_path):
         assert 0.0 <= held["ci95"][0] <= held["success_rate"] <= held["ci95"][1] <= 1.0
         assert entry["runs"][0]["training"]["steps"] == 2
         assert entry["train_step_bytes"] > 0 and entry["step_seconds"] > 0
+        # The step's matmul FLOP/s against a plain float32 matmul's, timed around it.
+        assert 0 < entry["step_ratio_to_matmul"] < 2
+    assert results["seconds"]["total"]["parts"] == 1
     # LoRA trains fewer weights than the whole model; the baseline trains all of them.
     assert 0 < lora["trainable_params"] < lora["total_params"]
     assert scratch["trainable_params"] == scratch["total_params"] < lora["total_params"]

@@ -6,6 +6,9 @@ strategy applied, the config's AdamW), the train step `fit` runs is lowered and 
 this machine's CPU (`keras_openpi.backend.xla_memory`: XLA's own memory analysis, as
 `benchmarks/memory.py`), and the compiled program is run on a batch of the config's shape:
 the median of `--repeats` steps is the time per step (no data loading, no first-step compile).
+The steps run between two timings of a plain float32 matmul (`benchmarks/flops.py`): the step's
+matmul FLOP/s as a fraction of the matmul's (`ratio_to_matmul`) says how fast it runs whatever
+the machine and its load, beside the absolute time.
 
     python measure.py --base BASE/export/policy.keras --config pi0_metaworld_small_finetune \
         --strategy full '{"name": "full"}' --strategy lora-r4 '{"name": "lora", "rank": 4}' \
@@ -26,6 +29,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_openpi.backend import xla_memory  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+from flops import bracketed  # noqa: E402
+from flops import efficiency  # noqa: E402
+from flops import program_flops  # noqa: E402
 from keras_openpi.training import get_config  # noqa: E402
 from keras_openpi.training.optimizer import make_optimizer  # noqa: E402
 from keras_openpi.convert.keras_file import read_keras_spec  # noqa: E402
@@ -78,16 +86,26 @@ def measure(base, config, strategy, repeats):
     )
     data = concrete(data_specs)
     times, cpu_times = [], []
-    for _ in range(repeats + 1):
-        start, cpu = time.perf_counter(), time.process_time()
-        _, state = compiled(state, data)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu)
+
+    def steps():
+        nonlocal state
+        for _ in range(repeats + 1):
+            start, cpu = time.perf_counter(), time.process_time()
+            _, state = compiled(state, data)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu)
+
+    _, matmul = bracketed(steps)
     summary = model.trainable_summary()
+    step_seconds = statistics.median(times[1:])
+    rate = efficiency(program_flops(step, (state_specs, data_specs)), step_seconds, matmul)
     record.update(
         total_params=int(summary["total"]["trainable"] + summary["total"]["frozen"]),
-        step_seconds=round(statistics.median(times[1:]), 4),
+        step_seconds=round(step_seconds, 4),
+        step_flops=rate["flops"],
+        ratio_to_matmul=round(rate["ratio_to_matmul"], 4),
+        matmul_flops_per_s=round(matmul["flops_per_s"]),
         step_seconds_all=[round(t, 4) for t in times],
         # CPU time (all threads): what the step costs on a machine shared with other jobs.
         step_cpu_seconds=round(statistics.median(cpu_times[1:]), 4),
@@ -127,7 +145,8 @@ def main(argv=None):
             f"{label}: {record['trainable_params']:,} trainable of {record['total_params']:,}; "
             f"train step {record['total_bytes'] / 2**20:.1f} MiB (XLA), "
             f"{record['step_seconds'] * 1000:.0f} ms/step ({record['step_cpu_seconds'] * 1000:.0f} "
-            f"ms of CPU) at batch {config.batch_size} "
+            f"ms of CPU, {record['ratio_to_matmul']:.2f} of the matmul's FLOP/s) at batch "
+            f"{config.batch_size} "
             f"({time.time() - start:.0f} s)",
             flush=True,
         )

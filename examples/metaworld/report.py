@@ -71,6 +71,14 @@ def _mib(value):
     return "–" if value is None else f"{value / 2**20:.1f}"
 
 
+def _step(entry):
+    """`383 (0.21)`: ms per step and the fraction of the matmul's FLOP/s the step reached."""
+    step, ratio = entry.get("step_seconds"), entry.get("step_ratio_to_matmul")
+    if step is None:
+        return "–"
+    return f"{step * 1000:.0f}" + ("" if ratio is None else f" ({ratio:.2f})")
+
+
 def markdown_table(results):
     """The study as markdown: one row per strategy (and the base policy)."""
     held_out = ", ".join(results["tasks"]["held_out"])
@@ -81,7 +89,7 @@ def markdown_table(results):
         f"{_rate(results['base']['pretrain'])}).",
         "",
         "| strategy | held-out success | per task | trainable params | train step memory (MiB, XLA) "
-        "| time per step (ms) | pretraining tasks after fine-tuning |",
+        "| time per step, ms (of the matmul's FLOP/s) | pretraining tasks after fine-tuning |",
         "|---|---|---|---|---|---|---|",
     ]
     base = results["base"]
@@ -98,11 +106,10 @@ def markdown_table(results):
         per_task = " / ".join(
             f"{held['per_task'][t]['success_rate']:.2f}" for t in results["tasks"]["held_out"]
         ) if held else "–"
-        step = entry.get("step_seconds")
         lines.append(
             f"| {label} | {_rate(held)} | {per_task} | {entry.get('trainable_params', 0):,} | "
-            f"{_mib(entry.get('train_step_bytes'))} | "
-            f"{'–' if step is None else f'{step * 1000:.0f}'} | {_rate(entry.get('forgetting'))} |"
+            f"{_mib(entry.get('train_step_bytes'))} | {_step(entry)} | "
+            f"{_rate(entry.get('forgetting'))} |"
         )
     return "\n".join(lines) + "\n"
 

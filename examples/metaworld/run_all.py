@@ -198,6 +198,18 @@ class Study:
     def done(self, path):
         return self.resume and pathlib.Path(path).exists()
 
+    def seconds(self, wall_s, results):
+        """Each phase's wall and CPU seconds and the total; on --resume, added to `results`' own.
+
+        A study run in parts (--resume) then reports what all of it took, and in how many parts.
+        """
+        previous = json.loads(results.read_text())["seconds"] if self.done(results) else {}
+        total = previous.pop("total", {"wall_s": 0.0, "parts": 0})
+        for name, times in previous.items():
+            self.timed(name, times)
+        return dict(self.times, total={"wall_s": round(total["wall_s"] + wall_s, 1),
+                                       "parts": total.get("parts", 1) + 1})  # fmt: skip
+
     # === Demonstrations and datasets ===
 
     def demonstrations(self, split, tasks, episodes):
@@ -428,6 +440,7 @@ def run_study(budget, output, *, resume=False, weights=None, tokenizer=None, ove
             "total_params": cost.get("total_params"),
             "train_step_bytes": cost.get("total_bytes"),
             "step_seconds": cost.get("step_seconds"),
+            "step_ratio_to_matmul": cost.get("ratio_to_matmul"),
             "compile_seconds": cost.get("compile_seconds"),
             "held_out": pooled(evals),
             "held_out_per_seed": {r["seed"]: r["held_out"]["success_rate"] for r in label_runs},
@@ -450,9 +463,9 @@ def run_study(budget, output, *, resume=False, weights=None, tokenizer=None, ove
         "costs": costs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_average": list(os.getloadavg())},
-        "seconds": dict(study.times, total={"wall_s": round(time.time() - started, 1)}),
     }
     path = pathlib.Path(budget.results) if budget.results else study.output / "metaworld.json"
+    results["seconds"] = study.seconds(time.time() - started, path)
     table = write_report(results, path)
     results["table"], results["path"] = table, str(path)
     return results
